@@ -1,0 +1,318 @@
+"""
+GateRA: token-aware gating of parameter-efficient updates (Ou, Jiang, Du, Snoek, AAAI 2026).
+
+A frozen linear layer y = W0 x + b gets a trainable update Delta(x), and a learned sigmoid gate,
+one scalar per token, decides how much of it each token receives:
+
+    y = W0 x + b + g(x) * Delta(x),        g(x) = sigmoid(w_g . x + b_g)
+
+The update Delta(x) is one of three adapters (W0 is (out, in), B is (out, r), A is (r, in)):
+
+    LoRA   Delta(x) = s B A x                                 s = alpha / r  (alpha / sqrt(r): rsLoRA)
+    DoRA   Delta(x) = (m/n - 1) * W0 x + (m/n) * s B A x      n = ||W0 + s B A||_row, detached
+    HiRA   Delta(x) = (W0 * (B A)) x                          Hadamard product: a high-rank update
+
+g = 0 gives exactly the frozen model and g = 1 the ungated adapter. Training adds lambda * H, the
+mean binary entropy of the gates, which pushes every gate towards 0 or 1 (see gate_entropy).
+The gate also masks gradients: every adapter gradient of a token is multiplied by its g(x),
+e.g. for gated LoRA dL/dB = g s delta (A x)^T. test_gatera.py checks these formulas against autograd.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+METHODS = ("lora", "dora", "hira")
+GATES = ("none", "static", "token")
+
+
+@dataclass
+class GateRAConfig:
+    method: str = "hira"            # lora | dora | hira
+    rank: int = 32                  # r
+    alpha: float = 64.0             # LoRA/DoRA scale s = alpha / r; HiRA has no scale
+    dropout: float = 0.0            # on the adapter's input, LoRA/DoRA only (HiRA uses none)
+    rslora: bool = False            # s = alpha / sqrt(r) instead of alpha / r
+    gate: str = "token"             # none | static (one learnable scalar per layer) | token
+    gate_init_std: float = 0.0      # token gate: w_g ~ N(0, std^2) at init
+    gate_init_bias: float = 0.0     # gate logit at init: g = sigmoid(bias), 0 -> g = 0.5
+    gate_on_dropout: bool = False   # the gate reads dropout(x) instead of x
+    gate_detach_input: bool = False  # no gradient flows from the gate back into x
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            self.targets = self.targets.split(",")
+        self.targets = tuple(t.strip() for t in self.targets if t.strip())
+        if self.method not in METHODS:
+            raise ValueError(f"GateRAConfig.method must be one of {METHODS}, got {self.method!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"GateRAConfig.gate must be one of {GATES}, got {self.gate!r}")
+        if self.rank < 1:
+            raise ValueError(f"GateRAConfig.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GateRAConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "hira" and self.dropout > 0:
+            raise ValueError("HiRA uses no dropout (its update is W0 * (BA)); set dropout=0")
+        if not self.targets:
+            raise ValueError("GateRAConfig.targets is empty: name the linear layers to adapt")
+
+    @property
+    def scale(self):
+        """s = alpha / r (rsLoRA: alpha / sqrt(r)); HiRA's update carries no scale."""
+        if self.method == "hira":
+            return 1.0
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def row_norm(w):
+    """L2 norm of each output row of an (out, in) weight -> (out,), in fp32 (or fp64), floored so
+    that a zero row cannot divide by zero (flooring changes no other row, unlike adding an eps)."""
+    return w.to(torch.promote_types(w.dtype, torch.float32)).norm(dim=1).clamp_min(1e-6)
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
+
+    The adapter and gate are kept in fp32 (fp64 for an fp64 base, as the tests use) whatever the
+    base dtype: the input is cast up for the update and the update is cast back to the base dtype.
+    """
+
+    def __init__(self, base: nn.Linear, config: GateRAConfig):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.config = config
+        out_features, in_features = base.weight.shape
+        kw = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **kw))  # (r, in)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **kw))  # (out, r): Delta = 0 at init
+        if config.method == "dora":
+            self.magnitude = nn.Parameter(row_norm(base.weight).to(kw["dtype"]))  # (out,) m = ||W0||_row
+        self.dropout = nn.Dropout(config.dropout)
+        if config.gate == "token":
+            self.gate = nn.Linear(in_features, 1, **kw)  # z = w_g . x + b_g
+            nn.init.normal_(self.gate.weight, std=config.gate_init_std)
+            nn.init.constant_(self.gate.bias, config.gate_init_bias)
+        elif config.gate == "static":
+            self.gate = nn.Parameter(torch.tensor(config.gate_init_bias, **kw))  # one logit z
+        else:
+            self.gate = None
+        self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
+
+    def gate_value(self, x):
+        """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate."""
+        cfg = self.config
+        if cfg.gate == "none":
+            return None
+        if cfg.gate == "static":
+            g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
+        else:
+            xg = self.dropout(x) if cfg.gate_on_dropout else x
+            xg = xg.detach() if cfg.gate_detach_input else xg
+            g = torch.sigmoid(self.gate(xg.to(self.lora_A.dtype)))  # (..., 1)
+        self.last_gate = g.squeeze(-1)
+        return g
+
+    def merged_weight(self):
+        """W = W0 + g Delta_W for gate none (g = 1) or static; a token gate depends on x and cannot merge.
+        LoRA: W0 + g s BA.   DoRA: W0 + g ((m/n - 1) W0 + (m/n) s BA).   HiRA: W0 * (1 + g BA)."""
+        cfg = self.config
+        W0 = self.base.weight.to(self.lora_A.dtype)                      # (out, in)
+        BA = self.lora_B @ self.lora_A                                   # (out, in)
+        g = torch.sigmoid(self.gate) if cfg.gate == "static" else 1.0
+        if cfg.method == "lora":
+            return W0 + g * cfg.scale * BA
+        if cfg.method == "dora":
+            m_over_n = (self.magnitude / row_norm(W0 + cfg.scale * BA).detach())[:, None]  # (out, 1)
+            return W0 + g * ((m_over_n - 1) * W0 + m_over_n * cfg.scale * BA)
+        return W0 * (1 + g * BA)
+
+    def forward(self, x):  # x: (..., in)
+        cfg, A, B = self.config, self.lora_A, self.lora_B
+        if cfg.method == "hira" and cfg.gate != "token" and self.base.weight.dtype == A.dtype:
+            # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
+            # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
+            # a small BA, so the update is then added as a separate fp32 term below.
+            self.gate_value(x)
+            return F.linear(x, self.merged_weight(), self.base.bias)
+        y = self.base(x)                                                 # (..., out) W0 x + b, frozen
+        g = self.gate_value(x)                                           # (..., 1) or None
+        xf = x.to(A.dtype)
+        if cfg.method == "hira":
+            delta = F.linear(xf, self.base.weight.to(A.dtype) * (B @ A))  # (..., out) (W0 * BA) x
+        else:
+            lora = cfg.scale * F.linear(F.linear(self.dropout(xf), A), B)  # (..., out) s B A drop(x)
+            if cfg.method == "lora":
+                delta = lora
+            else:
+                # DoRA without a second matmul with W0: W0 x is y minus the bias.
+                W0 = self.base.weight.to(A.dtype)
+                m_over_n = self.magnitude / row_norm(W0 + cfg.scale * (B @ A)).detach()  # (out,)
+                W0x = y.to(A.dtype) if self.base.bias is None else y.to(A.dtype) - self.base.bias.to(A.dtype)
+                delta = (m_over_n - 1) * W0x + m_over_n * lora           # (..., out)
+        if g is not None:
+            delta = g * delta
+        return y + delta.to(y.dtype)
+
+    def extra_repr(self):
+        c = self.config
+        return f"method={c.method}, rank={c.rank}, scale={c.scale:g}, gate={c.gate}"
+
+
+# -----------------------------------------------------------------------------
+# whole-model helpers
+
+def adapted_layers(model):
+    """(name, AdaptedLinear) for every adapted layer of the model, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+
+
+def apply_gatera(model, cfg: GateRAConfig):
+    """Freeze every parameter of `model` and wrap each nn.Linear whose attribute name is in
+    cfg.targets in an AdaptedLinear. Returns the names of the adapted modules."""
+    if adapted_layers(model):
+        raise ValueError("apply_gatera: the model already has adapters; build a fresh model to adapt it again")
+    model.requires_grad_(False)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n, _ in linears if n.rsplit(".", 1)[-1] in cfg.targets]
+    found = {n.rsplit(".", 1)[-1] for n in chosen}
+    missing = [t for t in cfg.targets if t not in found]
+    if missing:
+        available = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        raise ValueError(f"apply_gatera: target(s) {missing} match no nn.Linear in the model; "
+                         f"linear layers are named {available}")
+    for name in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, attr, AdaptedLinear(getattr(parent, attr), cfg))
+    return chosen
+
+
+def binary_entropy(g, eps=1e-6):
+    """H(g) = -[g log g + (1 - g) log(1 - g)], elementwise, logs clamped away from 0 and 1.
+    With g = sigmoid(z): dH/dz = -g (1 - g) z, so H pushes z away from 0 (g towards 0 or 1)."""
+    return -(g * torch.log(g.clamp_min(eps)) + (1 - g) * torch.log((1 - g).clamp_min(eps)))
+
+
+def gate_entropy(model, mask=None):
+    """Mean binary entropy of the gates of the last forward, over every gated layer and every real
+    token: mask (B, T) is 1 for real tokens, 0 for padding (None: all tokens). 0 without gates."""
+    gates = [m.last_gate for _, m in adapted_layers(model) if m.last_gate is not None]
+    if not gates:
+        return torch.zeros(())
+    h = binary_entropy(torch.stack(gates))                               # (L, B, T)
+    if mask is None:
+        return h.mean()
+    mask = mask.to(h.dtype)                                              # (B, T)
+    return (h * mask).sum() / (mask.sum().clamp_min(1) * len(gates))
+
+
+@torch.no_grad()
+def merge_gatera(model):
+    """Fold every adapter into its base weight and put the plain nn.Linear back; exact for gate
+    none or static. A token gate g(x) differs per token, so no single weight can represent it."""
+    layers = adapted_layers(model)
+    for name, layer in layers:
+        if layer.config.gate == "token":
+            raise ValueError(f"merge_gatera: {name} has a token gate g(x), which scales the update "
+                             "differently for every token, so it cannot be folded into one weight matrix; "
+                             "keep the adapter (only gate none or static can be merged)")
+    for name, layer in layers:
+        layer.base.weight.copy_(layer.merged_weight().to(layer.base.weight.dtype))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, layer.base)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# saving and loading adapters (safetensors + JSON; the base model is never saved)
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def adapter_state_dict(model):
+    """Only the trainable adapter tensors: lora_A, lora_B, magnitude, gate, keyed by module path."""
+    return {f"{name}.{k}": v for name, layer in adapted_layers(model)
+            for k, v in layer.state_dict().items() if not k.startswith("base.")}
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_adapter(model, out_dir):
+    """Write adapter.safetensors (adapter tensors only) and adapter_config.json to out_dir."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no adapters (call apply_gatera first)")
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = asdict(layers[0][1].config)
+    cfg["targets"] = list(cfg["targets"])
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p))
+
+    def write_config(p):
+        with open(p, "w") as f:
+            json.dump(cfg, f, indent=2)
+    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), write_config)
+
+
+def load_adapter(model, adapter_dir):
+    """Load an adapter saved by save_adapter into `model`: adapts a plain model first, checks an
+    already adapted one has the same config, and refuses any missing, extra or misshapen tensor
+    before copying anything (never a silent partial load). Returns the GateRAConfig."""
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"load_adapter: {p} not found (an adapter folder holds "
+                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, as written by save_adapter)")
+    with open(config_path) as f:
+        saved = json.load(f)
+    known = {f.name for f in fields(GateRAConfig)}
+    if set(saved) - known:
+        raise ValueError(f"load_adapter: {config_path} has unknown fields {sorted(set(saved) - known)}")
+    cfg = GateRAConfig(**saved)
+    layers = adapted_layers(model)
+    if not layers:
+        apply_gatera(model, cfg)
+    else:
+        have = asdict(layers[0][1].config)
+        for k, v in asdict(cfg).items():
+            if have[k] != v:
+                raise ValueError(f"load_adapter: {config_path} has {k}={v!r} but the model's adapters "
+                                 f"have {k}={have[k]!r}; load into a plain (unadapted) model instead")
+    tensors = load_file(weights_path)
+    expected = adapter_state_dict(model)
+    for k, v in expected.items():
+        if k not in tensors:
+            raise ValueError(f"load_adapter: tensor {k} is missing from {weights_path}: "
+                             "the adapter was trained on a different base model")
+        if tensors[k].shape != v.shape:
+            raise ValueError(f"load_adapter: tensor {k} in {weights_path} has shape {tuple(tensors[k].shape)}, "
+                             f"the model expects {tuple(v.shape)}: the adapter was trained on a different base model")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"load_adapter: {weights_path} has tensor {extra[0]} (and {len(extra) - 1} more) "
+                         "that the model has no place for: the adapter was trained on a different base model")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+    return cfg
