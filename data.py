@@ -1,0 +1,316 @@
+"""
+Data for GateRA: tokenizers, and the eight commonsense-reasoning tasks of LLM-Adapters (the
+benchmark of the DoRA, HiRA and GateRA papers) with their prompts, loss masks, batching and
+answer extraction.
+
+Every data file comes from the LLM-Adapters repository at one pinned commit and is checked
+against its git blob sha1 (what `git hash-object FILE` prints) before use, so every run reads
+the very same bytes. Offline: `load_task(..., data_dir=DIR)` with DIR in the upstream layout,
+e.g. DIR/dataset/piqa/test.json. `python data.py [DIR]` fetches (or checks) every file.
+"""
+import hashlib
+import http.client
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+# --- tokenizers: load_tokenizer (pasted in by the lead) ---
+
+# -----------------------------------------------------------------------------
+# the tasks and their pinned files
+
+COMMIT = "816657208af4db747803f87ba40a4c71383fed7a"
+URL = f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}"  # env GATERA_DATA_URL overrides
+ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")  # social_i_qa offers 3, openbookqa 4, ARC 3 to 5
+LABELS = {  # task -> the labels its answers use (REFERENCE §6)
+    "boolq": ("true", "false"),
+    "piqa": ("solution1", "solution2"),
+    "social_i_qa": ANSWERS,
+    "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
+    "winogrande": ("option1", "option2"),
+    "ARC-Easy": ANSWERS,
+    "ARC-Challenge": ANSWERS,
+    "openbookqa": ANSWERS,
+}
+MIXES = ("commonsense_170k", "commonsense_15k")  # training mixes of all eight tasks (train split only)
+ALL_LABELS = tuple(dict.fromkeys(label for labels in LABELS.values() for label in labels))
+BLOBS = {  # upstream path -> git blob sha1 (shared/data/README.md)
+    "dataset/boolq/train.json": "87a7beee26b49f81c450641ef2ff84f55611321f",
+    "dataset/boolq/test.json": "6d7edb0a8e8a6566b546ccf0d98d24e48db3fdf3",
+    "dataset/piqa/train.json": "44326ba946f8bd645bfa7a189e619d29b5bc17e5",
+    "dataset/piqa/test.json": "f7a1c260692ef31796d4763cb6334f316a754fed",
+    "dataset/social_i_qa/train.json": "bd524129d80efdfabc8476bbedc4f41b400cfda0",
+    "dataset/social_i_qa/test.json": "eadf221799ca394367b144c0f86ee0436db409d2",
+    "dataset/hellaswag/train.json": "ca68dc85fc2a2f73c9b1b8b0823cc41a8f669718",
+    "dataset/hellaswag/test.json": "183c4920415f83ba4b793c4873a33e7e10bd1be5",
+    "dataset/winogrande/train.json": "0b56375ac6b4464fa97abfb72812f15c772ba305",
+    "dataset/winogrande/test.json": "21257263593dd4d00546e1918c88ca0f357b08ad",
+    "dataset/ARC-Easy/train.json": "488a8e5e5bbbd7a630ebbfe07a1fd91b7d9d8c9b",
+    "dataset/ARC-Easy/test.json": "6c0d30aaedaeca148df6bcd7aaacf7c31e6ad70f",
+    "dataset/ARC-Challenge/train.json": "d7e080b04bff9fd16dd85455fb04481807a088d8",
+    "dataset/ARC-Challenge/test.json": "9540685439144200b5a7e48dab9ca4655be2af09",
+    "dataset/openbookqa/train.json": "75bcd5eb9f5e77a3796c05e6bb38f169d19563fc",
+    "dataset/openbookqa/test.json": "a6e69676104bcb77237388c3b5a3f0dcbb81d1e2",
+    "ft-training_set/commonsense_170k.json": "529e426b33d4cdb1d0c4a275a1a7245ad081fd91",
+    "ft-training_set/commonsense_15k.json": "3716afef6d384c475dba13f88a5a96c8032dafe2",
+}
+
+
+def task_path(task, split):
+    """The upstream path of a task's split, e.g. dataset/piqa/test.json."""
+    if task in MIXES:
+        if split != "train":
+            raise ValueError(f"{task} is a training mix and has no {split!r} split: use split='train'")
+        return f"ft-training_set/{task}.json"
+    if task not in LABELS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join([*LABELS, *MIXES])}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r} for {task}: use 'train' or 'test'")
+    return f"dataset/{task}/{split}.json"
+
+
+def task_labels(task):
+    """The labels a task's answers use; a mix uses the union of all eight tasks' labels."""
+    task_path(task, "train")  # raises on an unknown task
+    return ALL_LABELS if task in MIXES else LABELS[task]
+
+
+# -----------------------------------------------------------------------------
+# fetching and verifying files
+
+def git_blob(data):
+    """The hash `git hash-object` prints: sha1(b"blob <size>\\0" + content)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def check_blob(data, name, rel, then=""):
+    if (got := git_blob(data)) != BLOBS[rel]:
+        raise ValueError(f"{name}: git blob {got} ({len(data)} bytes) is not the pinned {rel} of LLM-Adapters "
+                         f"{COMMIT[:12]} (git blob {BLOBS[rel]}): the file is truncated, corrupt or another "
+                         f"version; the pinned file is {URL}/{rel}{then}")
+
+
+def cache_dir():
+    return Path(os.environ.get("GATERA_CACHE", "~/.cache/gatera")).expanduser() / "llm_adapters" / COMMIT
+
+
+def download(rel, file):
+    """Stream upstream file `rel` to a temporary name next to `file`, verify it, then rename it into
+    place: `file` only ever holds a complete, verified copy. Returns its bytes."""
+    url = f"{os.environ.get('GATERA_DATA_URL', URL).rstrip('/')}/{rel}"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.part")
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+                size, got, t0, shown = int(r.headers.get("Content-Length") or 0), 0, time.time(), 0.0
+                while chunk := r.read(1 << 16):
+                    f.write(chunk)
+                    got += len(chunk)
+                    if (now := time.time()) - shown > 0.5 or got == size:  # progress on stderr
+                        shown, total = now, f" of {size / 1e6:.1f}" if size else ""
+                        print(f"\rdownloading {url}: {got / 1e6:.1f}{total} MB, "
+                              f"{got / 1e6 / max(now - t0, 1e-6):.1f} MB/s, {now - t0:.1f} s",
+                              end="", file=sys.stderr, flush=True)
+                print(file=sys.stderr)
+        except (OSError, http.client.HTTPException) as e:  # no network, refused, timeout, HTTP 404 ...
+            raise FileNotFoundError(
+                f"could not download {url} ({e}). Without network, put that file at {file}, or pass "
+                f"--data-dir DIR with it at DIR/{rel} (e.g. --data-dir ../shared/data/llm_adapters)") from None
+        data = tmp.read_bytes()
+        if size and len(data) != size:
+            raise ValueError(f"{url}: download truncated, {len(data)} of {size} bytes; nothing was cached, try again")
+        check_blob(data, url, rel, then="; nothing was cached")
+        os.replace(tmp, file)
+        return data
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fetch(rel, data_dir=None):
+    """The verified bytes of upstream file `rel` and the name of where they came from: from
+    data_dir if given (never downloads), else from the cache, downloading when absent or corrupt."""
+    if data_dir is not None:
+        file = Path(data_dir) / rel
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found: --data-dir must hold the LLM-Adapters layout, "
+                                    f"put {URL}/{rel} there")
+        data = file.read_bytes()
+        check_blob(data, file, rel)  # a different file would silently change the benchmark
+        return data, str(file)
+    file = cache_dir() / rel
+    if file.is_file():
+        data = file.read_bytes()
+        if git_blob(data) == BLOBS[rel]:  # re-verified on every load
+            return data, str(file)
+        print(f"{file} fails its hash check: deleting it and downloading it again", file=sys.stderr)
+        file.unlink()
+    return download(rel, file), str(file)
+
+
+# -----------------------------------------------------------------------------
+# examples
+
+def parse_examples(data, name, task):
+    """Validate the bytes of a JSON list of {"instruction", "input", "output", "answer"} examples.
+    Every problem is an error naming the file (and the example index); nothing is skipped."""
+    labels = task_labels(task)
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+    except json.JSONDecodeError as e:
+        what = "file is empty" if not data.strip() else f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        raise ValueError(f"{name}: {what}; expected a JSON list of examples") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{name}: expected a JSON list of examples, got a JSON {type(rows).__name__}")
+    if not rows:
+        raise ValueError(f"{name}: the list holds no examples")
+    examples = []
+    for i, row in enumerate(rows):
+        where = f"{name}: example {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where} is a JSON {type(row).__name__}, expected an object")
+        if missing := [k for k in ("instruction", "output", "answer") if not isinstance(row.get(k), str)]:
+            raise ValueError(f"{where} lacks the string field(s) {missing} (it has {sorted(row)})")
+        if row.get("input"):
+            raise ValueError(f"{where} has a non-empty 'input': the commonsense prompt has no input section")
+        if row["answer"] not in labels:
+            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {task}'s labels {'|'.join(labels)}")
+        examples.append({"instruction": row["instruction"], "input": "", "output": row["output"],
+                         "answer": row["answer"]})
+    return examples
+
+
+def load_task(task, split, data_dir=None):
+    """The verified examples of a task's split ("train" or "test"; mixes only "train"), each a dict
+    with instruction, input (always ""), output ("the correct answer is X") and answer (X)."""
+    data, name = fetch(task_path(task, split), data_dir)
+    return parse_examples(data, name, task)
+
+
+# -----------------------------------------------------------------------------
+# prompts and answers
+
+def _prompt(instruction, after_request, blank_line):
+    i = " " * 16  # the reference's f-string sits indented in a function body: the indent is in the bytes
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes "
+            f"the request.{after_request}\n\n{i}### Instruction:\n{i}{instruction}\n{blank_line}\n"
+            f"{i}### Response:\n{i}")
+
+
+def eval_prompt(instruction):
+    """The exact evaluation prompt of LLM-Adapters (one space after "request.", empty blank line)."""
+    return _prompt(instruction, " ", "")
+
+
+def train_prompt(instruction, output, variant="eval"):
+    """The training text: prompt + output.
+
+    variant "eval" (default): the evaluation prompt + output, so the model is trained on the very
+    prompt it is evaluated on. variant "reference": the bytes of LLM-Adapters' finetune.py, which
+    differ from its evaluation prompt by TWO spaces after "request." and 16 spaces on the blank
+    line after the instruction (what the papers trained on).
+    """
+    if variant == "eval":
+        return eval_prompt(instruction) + output
+    if variant == "reference":
+        return _prompt(instruction, "  ", " " * 16) + output
+    raise ValueError(f"unknown training prompt variant {variant!r}: use 'eval' or 'reference'")
+
+
+def extract_answer(task, text):
+    """The label a model's answer names, or "" (counted wrong), as the reference evaluation does:
+    the text after "### Response:" (up to a second one, as its split(...)[1]), stripped, and the
+    FIRST match of the task's labels, case-sensitive. Pass the decoded prompt + generation as the
+    reference does; a bare generation works too when it has no "### Response:" of its own."""
+    if "### Response:" in text:
+        text = text.split("### Response:")[1]
+    m = re.search("|".join(map(re.escape, task_labels(task))), text.strip())
+    return m.group(0) if m else ""
+
+
+def label_choices(task, instruction):
+    """{label: continuation} for log-likelihood scoring: the labels the instruction's closing
+    "Answer format: a/b/c" line offers (all the task's labels if it has none), each with the
+    response text the training data uses, "the correct answer is <label>"."""
+    labels = task_labels(task)
+    m = re.search(r"Answer format: (\S+)\s*$", instruction)
+    offered = [label for label in m.group(1).split("/") if label in labels] if m else []
+    return {label: f"the correct answer is {label}" for label in offered or labels}
+
+
+# -----------------------------------------------------------------------------
+# tokenized examples and batches
+
+def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", bos=True):
+    """(ids, labels) of one example, built as LLM-Adapters' finetune.py does.
+
+    ids = encode(prompt + output)[:cutoff], then EOS only if that is shorter than cutoff (as the
+    reference: an example that reaches the cutoff has no EOS). labels = ids, except -100 (no loss)
+    on the first len(encode(prompt)) tokens unless train_on_inputs. Like the reference we tokenize
+    the whole text and only count the prompt's tokens, although BPE merges across the boundary:
+    the prompt ends in 16 spaces, which GPT-2 encodes as 16 " " alone but as 15 " " + " the" in
+    front of the output, so " the" falls under the mask. bos: prepend BOS, as the Llama tokenizers
+    of the papers do. Scoring uses the same with ex["output"] = a label_choices continuation.
+    """
+    prompt = train_prompt(ex["instruction"], "", variant)
+    ids = tok.encode(prompt + ex["output"], bos=bos)[:cutoff]
+    if len(ids) < cutoff:
+        ids.append(tok.eos_id)
+    labels = list(ids)
+    if not train_on_inputs:
+        n = min(len(tok.encode(prompt, bos=bos)), cutoff)
+        labels[:n] = [-100] * n
+    return ids, labels
+
+
+def encode_examples(tok, examples, name="", cutoff=256, **kwargs):
+    """encode_example over a list, saying on stderr how many examples the cutoff cut short."""
+    out = [encode_example(tok, ex, cutoff=cutoff, **kwargs) for ex in examples]
+    cut = sum(ids[-1] != tok.eos_id for ids, _ in out)  # only a cut example lacks the EOS
+    empty = sum(all(y == -100 for y in labels) for _, labels in out)
+    if cut:
+        print(f"{name}: {cut} of {len(out)} examples reach the cutoff of {cutoff} tokens (no EOS), "
+              f"{empty} of them with no response token left (they add no loss)", file=sys.stderr)
+    return out
+
+
+def pad(seqs, value, left=False):
+    """Lists of ints -> one (B, T) tensor, padded with value to the longest, on the right or left."""
+    T = max(map(len, seqs))
+    rows = [[value] * (T - len(s)) + list(s) if left else list(s) + [value] * (T - len(s)) for s in seqs]
+    return torch.tensor(rows)
+
+
+def collate(batch, pad_id):
+    """Training or scoring batch from (ids, labels) pairs -> ids, labels, mask, each (B, T).
+    Right padding: real tokens keep positions 0.. and the causal model never sees the padding.
+    labels[b, t] is the target at position t (the loss shifts: logits[:, :-1] vs labels[:, 1:]),
+    -100 on padding; mask is 1 on real tokens, 0 on padding."""
+    ids, labels = zip(*batch)
+    return pad(ids, pad_id), pad(labels, -100), pad([[1] * len(s) for s in ids], 0)
+
+
+def collate_prompts(tok, instructions, bos=True):
+    """Generation batch of evaluation prompts -> ids, mask, each (B, T). Left padding: every prompt
+    ends in the last column, so the tokens generated for the batch line up; the model needs the
+    mask (1 real, 0 padding) to skip the padding and to place positions."""
+    seqs = [tok.encode(eval_prompt(s), bos=bos) for s in instructions]
+    return pad(seqs, tok.pad_id, left=True), pad([[1] * len(s) for s in seqs], 0, left=True)
+
+
+if __name__ == "__main__":
+    data_dir = sys.argv[1] if len(sys.argv) > 1 else None  # python data.py [DIR]: fetch or check every file
+    for task in [*LABELS, *MIXES]:
+        for split in ("train",) if task in MIXES else ("train", "test"):
+            try:
+                print(f"{task_path(task, split):40s} {len(load_task(task, split, data_dir)):7d} examples")
+            except (FileNotFoundError, ValueError) as e:
+                print(f"{task_path(task, split):40s} {e}")
