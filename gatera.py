@@ -247,7 +247,7 @@ def adapter_state_dict(model):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path: readers never see a half-written file."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp-")
     os.close(fd)
     try:
         write(tmp)
