@@ -518,7 +518,7 @@ def label_choices(task, instruction):
 # -----------------------------------------------------------------------------
 # tokenized examples and batches
 
-def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", bos=True):
+def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", bos=None):
     """(ids, labels) of one example, built as LLM-Adapters' finetune.py does.
 
     ids = encode(prompt + output)[:cutoff], then EOS only if that is shorter than cutoff (as the
@@ -526,10 +526,11 @@ def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", b
     on the first len(encode(prompt)) tokens unless train_on_inputs. Like the reference we tokenize
     the whole text and only count the prompt's tokens, although BPE merges across the boundary:
     the prompt ends in 16 spaces, which GPT-2 encodes as 16 " " alone but as 15 " " + " the" in
-    front of the output, so " the" falls under the mask. bos: prepend BOS, as the Llama tokenizers
-    of the papers do. Scoring uses the same with ex["output"] = a label_choices continuation.
+    front of the output, so " the" falls under the mask. bos: prepend BOS (default: as the
+    checkpoint's tokenizer does, tok.add_bos: Llama 3 yes, GPT-2 and SmolLM2 no). Scoring uses the same with ex["output"] = a label_choices continuation.
     """
     prompt = train_prompt(ex["instruction"], "", variant)
+    bos = tok.add_bos if bos is None else bos
     ids = tok.encode(prompt + ex["output"], bos=bos)[:cutoff]
     if len(ids) < cutoff:
         ids.append(tok.eos_id)
@@ -567,10 +568,11 @@ def collate(batch, pad_id):
     return pad(ids, pad_id), pad(labels, -100), pad([[1] * len(s) for s in ids], 0)
 
 
-def collate_prompts(tok, instructions, bos=True):
+def collate_prompts(tok, instructions, bos=None):
     """Generation batch of evaluation prompts -> ids, mask, each (B, T). Left padding: every prompt
     ends in the last column, so the tokens generated for the batch line up; the model needs the
     mask (1 real, 0 padding) to skip the padding and to place positions."""
+    bos = tok.add_bos if bos is None else bos
     seqs = [tok.encode(eval_prompt(s), bos=bos) for s in instructions]
     return pad(seqs, tok.pad_id, left=True), pad([[1] * len(s) for s in seqs], 0, left=True)
 

@@ -37,6 +37,7 @@ def example(answer="true", **kw):
 class ByteTok:
     """One token per UTF-8 byte, so every position below can be counted by hand."""
     bos_id, eos_id, pad_id = 256, 257, 258
+    add_bos = True  # like the Llama tokenizers of the papers
 
     def encode(self, text, bos=False, eos=False):
         return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos

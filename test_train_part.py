@@ -179,3 +179,31 @@ def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
     run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2")
     with pytest.raises(SystemExit, match="other settings"):
         run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2", "--lr", "5e-3", "--resume")
+
+
+def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
+    """score_batch runs the shared prompt once and forks its KV cache per label; the plain way scores
+    every prompt + label sequence on its own. Same scores, same answers."""
+    from contextlib import nullcontext
+    model_dir, data_dir, _ = workdir
+    tok, model = data.load_tokenizer(model_dir), GPT.from_pretrained(model_dir).eval()
+    batch = [piqa_example(*r) for r in PIQA[:5]]
+    for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
+        ex["answer"] = label  # vary which label is the correct one
+    sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
+    correct, nll, n = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), sums)
+    plain_correct, plain_nll, plain_n = 0, 0.0, 0
+    with torch.no_grad():
+        for ex in batch:
+            scores = {}
+            for label, text in data.label_choices("piqa", ex["instruction"]).items():
+                ids, labels = data.encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
+                ids, labels = ids[:-1], labels[:-1]  # not EOS
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)  # (T-1, V)
+                picked = [logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100]
+                scores[label] = sum(picked)
+                if label == ex["answer"]:
+                    plain_nll, plain_n = plain_nll - sum(picked), plain_n + len(picked)
+            plain_correct += max(scores, key=scores.get) == ex["answer"]
+    assert (correct, n) == (plain_correct, plain_n)
+    assert nll == pytest.approx(plain_nll, rel=1e-5)

@@ -27,7 +27,7 @@ from data import (LABELS, collate, collate_prompts, encode_example, encode_examp
                   label_choices, load_task, load_tokenizer)
 from gatera import (GateRAConfig, adapted_layers, adapter_state_dict, apply_gatera, atomic_write,
                     gate_entropy, load_adapter, save_adapter)
-from model import GPT
+from model import GPT, KVCache
 
 # -----------------------------------------------------------------------------
 # flags (REFERENCE section 6 gives the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA)
@@ -65,6 +65,7 @@ parser.add_argument("--eval", default="score", choices=["score", "generate"],
 parser.add_argument("--eval-batch-size", type=int, default=16)
 parser.add_argument("--eval-only", action="store_true", help="evaluate --adapter (or the bare model), no training")
 parser.add_argument("--adapter", default=None, help="adapter folder to evaluate with --eval-only")
+parser.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (it equals zero-shot)")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--out", default="out", help="output folder")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
@@ -90,9 +91,77 @@ def progress(what, done, total, t0):
           f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
 
 
+def record_gates(model, where, sums):
+    """Add the gates of the last forward at positions `where` (B, T) bool to sums = [total, count]."""
+    for _, layer in adapted_layers(model):
+        if layer.last_gate is not None:
+            sums[0] += layer.last_gate.float()[where].sum().item()
+            sums[1] += where.sum().item()
+
+
+def common_prefix(seqs):
+    """Length of the longest common prefix of lists."""
+    n = 0
+    while all(len(q) > n for q in seqs) and len({q[n] for q in seqs}) == 1:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def score_batch(model, tok, task, batch, device, autocast, gate_sums):
+    """Log-likelihood scoring: each offered label's continuation ("the correct answer is <label>")
+    gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
+    The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
+    for every label's few remaining tokens. Returns (number correct, NLL of the correct
+    continuations, their token count)."""
+    choices = []  # per example: [(label, ids, first response position)]
+    for ex in batch:
+        rows = []
+        for label, text in label_choices(task, ex["instruction"]).items():
+            ids, labels = encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
+            rows.append((label, ids[:-1], labels.index(next(y for y in labels if y != -100))))  # drop EOS
+        choices.append(rows)
+    # the context: the tokens before the first response token that every label's sequence shares
+    starts = [min(min(start for _, _, start in rows), common_prefix([ids for _, ids, _ in rows])) for rows in choices]
+    ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
+    ids = torch.tensor([[tok.pad_id] * (max(map(len, ctx)) - len(c)) + c for c in ctx], device=device)  # (B, Tc)
+    mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
+            device=device)[:, None]).long()                          # (B, Tc) left padding
+    cache = [KVCache() for _ in model.transformer.h]
+    with autocast:
+        first = F.log_softmax(model(ids, mask=mask, cache=cache)[:, -1].float(), -1)  # (B, V) next token
+    record_gates(model, mask.bool(), gate_sums["prompt"])
+    correct, nll, n_tokens = 0, 0.0, 0
+    best = [(None, -math.inf)] * len(batch)
+    for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
+        tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
+        T = max(map(len, tails))
+        tail_ids = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in tails], device=device)  # (B, T)
+        tail_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in tails], device=device)
+        forked = [KVCache() for _ in cache]  # update() concatenates into new tensors: the shared cache stays intact
+        for f, k in zip(forked, cache):
+            f.k, f.v = k.k, k.v
+        with autocast:
+            logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked).float()  # (B, T, V)
+        logp = torch.cat([first[:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (B, T, V) predicts tail t
+        response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]
+                                 for rows, s, t in zip(choices, starts, tails)], device=device)  # (B, T)
+        token_logp = logp.gather(-1, tail_ids[..., None])[..., 0] * response  # (B, T) log p of response tokens
+        record_gates(model, response, gate_sums["answer"])
+        for b, (rows, ex) in enumerate(zip(choices, batch)):
+            if c < len(rows):
+                score = token_logp[b].sum().item()
+                if score > best[b][1]:
+                    best[b] = (rows[c][0], score)
+                if rows[c][0] == ex["answer"]:
+                    nll, n_tokens = nll - score, n_tokens + response[b].sum().item()
+    correct = sum(label == ex["answer"] for (label, _), ex in zip(best, batch))
+    return correct, nll, n_tokens
+
+
 @torch.no_grad()
 def evaluate(model, tok, task, examples, args, device, autocast):
-    """Accuracy on examples, plus the mean loss on the correct answer's tokens (score mode) and the
+    """Accuracy on examples, plus (score mode) the mean loss on the correct answer's tokens and the
     mean gate on prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
     model.eval()
     correct, answer_nll, answer_tokens, t0 = 0, 0.0, 0, time.time()
@@ -101,39 +170,14 @@ def evaluate(model, tok, task, examples, args, device, autocast):
     for i in range(0, len(examples), bs):
         batch = examples[i:i + bs]
         if args.eval == "generate":
-            ids, mask = collate_prompts(tok, [ex["instruction"] for ex in batch], bos=tok.add_bos)
+            ids, mask = collate_prompts(tok, [ex["instruction"] for ex in batch])
             out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id)
             for ex, new in zip(batch, out[:, ids.shape[1]:].tolist()):
                 new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
                 correct += extract_answer(task, tok.decode(new)) == ex["answer"]
         else:
-            # one row per (example, offered label): score = sum log p(label continuation | prompt)
-            rows = [(j, label, encode_example(tok, {"instruction": ex["instruction"], "output": text},
-                                              cutoff=10**9, bos=tok.add_bos))
-                    for j, ex in enumerate(batch) for label, text in label_choices(task, ex["instruction"]).items()]
-            ids, labels, mask = collate([(x, y[:-1] + [-100]) for _, _, (x, y) in rows], tok.pad_id)  # not EOS
-            ids, labels = ids.to(device), labels.to(device)
-            with autocast:
-                logits = model(ids)                                      # (N, T, V)
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)         # (N, T-1, V) predicts token t+1
-            tgt = labels[:, 1:]                                          # (N, T-1)
-            on = tgt != -100
-            token_logp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * on  # (N, T-1)
-            scores = token_logp.sum(1).tolist()
-            best = {}
-            for (j, label, _), s, lp, n in zip(rows, scores, token_logp.sum(1), on.sum(1)):
-                if j not in best or s > best[j][1]:
-                    best[j] = (label, s)
-                if label == batch[j]["answer"]:
-                    answer_nll, answer_tokens = answer_nll - lp.item(), answer_tokens + n.item()
-            correct += sum(best[j][0] == ex["answer"] for j, ex in enumerate(batch))
-            for _, layer in adapted_layers(model):
-                if layer.last_gate is not None:
-                    g = layer.last_gate[:, 1:].float()                   # (N, T-1), aligned with tgt
-                    real = mask[:, 1:].to(device).bool()
-                    for part, where in (("prompt", real & ~on), ("answer", on)):
-                        gate_sums[part][0] += g[where].sum().item()
-                        gate_sums[part][1] += where.sum().item()
+            n_correct, nll, n_tokens = score_batch(model, tok, task, batch, device, autocast, gate_sums)
+            correct, answer_nll, answer_tokens = correct + n_correct, answer_nll + nll, answer_tokens + n_tokens
         if (i // bs) % 10 == 9 or i + bs >= len(examples):
             progress(f"eval {task}", min(i + bs, len(examples)), len(examples), t0)
     model.train()
@@ -199,16 +243,19 @@ def main(argv=None):
     cfg = GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                        rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
                        gate_init_bias=args.gate_init_bias, targets=args.targets)
+    model.requires_grad_(False)
     if args.eval_only and args.adapter:
         cfg = load_adapter(model, args.adapter)
+        args.method, args.rank, args.gate = cfg.method, cfg.rank, cfg.gate
     elif not args.eval_only:
         apply_gatera(model, cfg)
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
+    what = "no adapter" if args.eval_only and not args.adapter else f"{args.method} r={args.rank} gate={args.gate}"
     say(f"{args.model}: {n_total / 1e6:.1f}M parameters, {n_adapter / 1e6:.3f}M trainable "
-        f"({100 * n_adapter / n_total:.3f}%) | {args.method} r={args.rank} gate={args.gate} | {device} {dtype}")
+        f"({100 * n_adapter / n_total:.3f}%) | {what} | {device} {dtype}")
 
     eval_tasks = [args.task] if args.task in LABELS else list(LABELS)
     tests = {t: subset(load_task(t, "test", args.data_dir), args.eval_examples, args.seed) for t in eval_tasks}
@@ -240,7 +287,7 @@ def main(argv=None):
 
     train = subset(load_task(args.task, "train", args.data_dir), args.train_examples, args.seed)
     encoded = encode_examples(tok, train, name=f"{args.task} train", cutoff=args.cutoff,
-                              train_on_inputs=args.train_on_inputs, variant=args.train_prompt, bos=tok.add_bos)
+                              train_on_inputs=args.train_on_inputs, variant=args.train_prompt)
     global_batch = args.batch_size * args.grad_accum
     steps_per_epoch = math.ceil(len(encoded) / global_batch)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -289,7 +336,7 @@ def main(argv=None):
             atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
 
     if step == 0:
-        if master:
+        if master and not args.skip_eval_before:
             run_eval("before")
         save_checkpoint()
 
