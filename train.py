@@ -426,4 +426,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:  # bad input: the message, not a traceback
+        sys.exit(f"error: {e}")
