@@ -78,6 +78,91 @@ def row_norm(w):
     return w.to(torch.promote_types(w.dtype, torch.float32)).norm(dim=1).clamp_min(1e-6)
 
 
+def add_linear(y, h, W):
+    """y + h W^T for a fresh (N, out) matrix y that nothing else uses. When the dtypes agree the
+    matmul adds into y in place (a GEMM with beta = 1), saving a pass over the (N, out) output."""
+    return y.addmm_(h, W.T) if y.dtype == W.dtype else y + F.linear(h, W).to(y.dtype)
+
+
+class HiRAMerged(torch.autograd.Function):
+    """x (W0 * (1 + B A))^T + b as one matmul: HiRA with one gate value for all tokens, folded into B.
+
+    Plain autograd would keep the merged (out, in) weight of every adapted layer for the backward,
+    as much memory as the frozen layer itself; this keeps x, B and A and rebuilds the weight there
+    (one rank-r product). With W = W0 + W0 * M, M = B A and the loss gradient dy (N, out):
+        dx = dy W,   dW = dy^T x,   dM = W0 * dW,   dB = dM A^T,   dA = B^T dM.
+    W0 and the bias are frozen: they get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, W0, bias, B, A):  # x: (N, in)
+        ctx.save_for_backward(x, W0, B, A)
+        return F.linear(x, torch.addcmul(W0, W0, B @ A), bias)          # (N, out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W0, B, A = ctx.saved_tensors
+        dx = dy @ torch.addcmul(W0, W0, B @ A) if ctx.needs_input_grad[0] else None  # (N, in)
+        dM = W0 * (dy.T @ x)                                             # (out, in)
+        return dx, None, None, dM @ A.T, B.T @ dM
+
+
+class HiRAGated(torch.autograd.Function):
+    """y + g * (Delta_W x), Delta_W = W0 * B A: the frozen output y (N, out) plus the HiRA update of
+    x (N, in), scaled by g: (N, 1), one value per token (a token gate), or one value for all.
+
+    Plain autograd would keep Delta_W (out, in) and the update Delta_W x (N, out) of every layer
+    for the backward; this keeps x and g and rebuilds Delta_W there (one rank-r product).
+    With the loss gradient dz (N, out) and u = dz Delta_W (N, in):
+        dy = dz,   dx = g u,   dg = u . x (per token; = dz . Delta_W x),
+        dDelta_W = dz^T (g x),   dM = W0 * dDelta_W,   dB = dM A^T,   dA = B^T dM.
+    The update is computed in the adapter's dtype (fp32 on a bf16 base) and added to y there."""
+
+    @staticmethod
+    def forward(ctx, y, x, g, W0, B, A):
+        ctx.save_for_backward(x, g, W0, B, A)
+        update = F.linear(x.to(B.dtype), W0.to(B.dtype) * (B @ A))      # (N, out) Delta_W x
+        return update.mul_(g).add_(y).to(y.dtype)                        # in place: no new (N, out) matrix
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, g, W0, B, A = ctx.saved_tensors
+        xf, dzf, W0f = x.to(B.dtype), dz.to(B.dtype), W0.to(B.dtype)
+        dx = dg = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            u = dzf @ (W0f * (B @ A))                                    # (N, in)
+            dx = (g * u).to(x.dtype) if ctx.needs_input_grad[1] else None
+            dg = (u * xf).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[2] else None
+        dM = W0f * (dzf.T @ (g * xf))                                    # (out, in)
+        return dz, dx, dg, None, dM @ A.T, B.T @ dM
+
+
+class DoRARescale(torch.autograd.Function):
+    """y + g c (y - b): DoRA's rescaling of the frozen output y = W0 x + b (N, out) by c = m/n - 1
+    (out,), scaled by the gate g: (N, 1), one value per token, or one value for all.
+
+    Plain autograd would keep both y - b and c (y - b) and pass over (N, out) matrices about twelve
+    times with a token gate; this keeps w = y - b and passes eight times (five for one gate value).
+    With the loss gradient dz (N, out) and P = dz * w:
+        dy = dz + g (dz * c),   dc = sum_t g_t P_t,   dg = P c (per token; summed for one value)."""
+
+    @staticmethod
+    def forward(ctx, y, bias, g, c):
+        w = y if bias is None else y - bias                              # (N, out) W0 x
+        ctx.save_for_backward(w, g, c)
+        return torch.addcmul(y, w, g * c) if g.dim() == 0 else torch.addcmul(y, g, w * c)
+
+    @staticmethod
+    def backward(ctx, dz):
+        w, g, c = ctx.saved_tensors
+        P = dz * w                                                       # (N, out)
+        if g.dim() == 0:
+            dy = torch.addcmul(dz, dz, g * c) if ctx.needs_input_grad[0] else None
+            P = P.sum(0)                                                 # (out,)
+            return dy, None, P @ c, g * P
+        dy = torch.addcmul(dz, g, dz * c) if ctx.needs_input_grad[0] else None
+        return dy, None, P @ c[:, None], (g.T @ P)[0]
+
+
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
 
@@ -137,30 +222,40 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x):  # x: (..., in)
         cfg, A, B = self.config, self.lora_A, self.lora_B
-        if cfg.method == "hira" and cfg.gate != "token" and self.base.weight.dtype == A.dtype:
-            # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
-            # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
-            # a small BA, so the update is then added as a separate fp32 term below.
-            self.gate_value(x)
-            return F.linear(x, self.merged_weight(), self.base.bias)
-        y = self.base(x)                                                 # (..., out) W0 x + b, frozen
         g = self.gate_value(x)                                           # (..., 1) or None
-        xf = x.to(A.dtype)
+        if cfg.gate == "token":
+            g = g.reshape(-1, 1)                                         # (N, 1) one value per token
+        else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
+            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=A.dtype, device=A.device)
+        # The tokens as the rows of one (N, in) matrix: each output is then a fresh matrix that a
+        # matmul can add into in place (add_linear); autograd makes in-place ops on views costly.
+        # The fast paths below are derived in the docstrings of add_linear, HiRAMerged, HiRAGated and
+        # DoRARescale; test_gatera.py checks them against the plain formulas and autograd.
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
         if cfg.method == "hira":
-            delta = F.linear(xf, self.base.weight.to(A.dtype) * (B @ A))  # (..., out) (W0 * BA) x
-        else:
-            lora = cfg.scale * F.linear(F.linear(self.dropout(xf), A), B)  # (..., out) s B A drop(x)
-            if cfg.method == "lora":
-                delta = lora
+            if cfg.gate != "token" and self.base.weight.dtype == A.dtype:
+                # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
+                # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
+                # a small BA, so the update is then added as a separate fp32 term.
+                out = HiRAMerged.apply(x, self.base.weight, self.base.bias, g * B, A)
             else:
-                # DoRA without a second matmul with W0: W0 x is y minus the bias.
-                W0 = self.base.weight.to(A.dtype)
-                m_over_n = self.magnitude / row_norm(W0 + cfg.scale * (B @ A)).detach()  # (out,)
-                W0x = y.to(A.dtype) if self.base.bias is None else y.to(A.dtype) - self.base.bias.to(A.dtype)
-                delta = (m_over_n - 1) * W0x + m_over_n * lora           # (..., out)
-        if g is not None:
-            delta = g * delta
-        return y + delta.to(y.dtype)
+                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A)
+            return out.view(*lead, -1)
+        y = self.base(x)                                                 # (N, out) W0 x + b, frozen
+        # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
+        # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
+        gs, xd = g * cfg.scale, self.dropout(x.to(A.dtype))
+        h = F.linear(xd, gs * A) if gs.dim() == 0 else F.linear(xd, A) * gs  # (N, r)
+        if cfg.method == "lora":
+            return add_linear(y, h, B).view(*lead, -1)                  # y + g s B A drop(x)
+        # DoRA: y + g (m/n - 1) W0x + (m/n) B (g s A x), W0 x = y - b (no second matmul with W0), and
+        # m/n scales the rows of B (out, r), not the output. n is a constant for autograd.
+        with torch.no_grad():
+            n = row_norm(torch.addmm(self.base.weight.to(A.dtype), B, A, alpha=cfg.scale))  # (out,)
+        m_over_n = self.magnitude / n                                    # (out,)
+        bias = None if self.base.bias is None else self.base.bias.to(A.dtype)
+        out = DoRARescale.apply(y.to(A.dtype), bias, g, m_over_n - 1)   # (N, out)
+        return add_linear(out, h, m_over_n[:, None] * B).to(y.dtype).view(*lead, -1)
 
     def extra_repr(self):
         c = self.config

@@ -27,14 +27,17 @@ import pytest
 import tiktoken
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
+from bench import step_flops
 from data import git_blob, load_tokenizer
 from gatera import (AdaptedLinear, GateRAConfig, apply_gatera, binary_entropy, gate_entropy,
                     load_adapter, merge_gatera, save_adapter)
-from model import GPT, checkpoint_files, config_from_hf
+from model import GPT, GPTConfig, checkpoint_files, config_from_hf
 
 HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures"
@@ -1388,3 +1391,112 @@ def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
             plain_correct += max(scores, key=scores.get) == ex["answer"]
     assert (correct, n) == (plain_correct, plain_n)
     assert nll == pytest.approx(plain_nll, rel=1e-5)
+
+
+# =============================================================================
+# gatera.py's fast paths and bench.py's FLOP count
+
+def trained_layer(method, gate, bias=True, dtype=torch.float64):
+    """An adapted layer with random (non-zero) B, magnitude and gate, as after training."""
+    torch.manual_seed(0)
+    layer = AdaptedLinear(nn.Linear(IN, OUT, bias=bias, dtype=dtype),
+                          GateRAConfig(method=method, gate=gate, rank=RANK, alpha=2.0 * RANK))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        if method == "dora":
+            layer.magnitude.mul_(1 + 0.3 * torch.randn(OUT, dtype=layer.magnitude.dtype))
+        if gate == "token":
+            layer.gate.weight.normal_()
+            layer.gate.bias.fill_(0.2)
+        elif gate == "static":
+            layer.gate.fill_(0.7)
+    return layer
+
+
+def plain_formula(layer, x):
+    """y = W0 x + b + g(x) Delta(x), written out with plain autograd ops (REFERENCE sections 1-2)."""
+    cfg, W0, b = layer.config, layer.base.weight, layer.base.bias
+    A, B, s = layer.lora_A, layer.lora_B, cfg.scale
+    g = {"none": 1.0, "static": torch.sigmoid(layer.gate) if cfg.gate == "static" else None,
+         "token": torch.sigmoid(layer.gate(x)) if cfg.gate == "token" else None}[cfg.gate]
+    if cfg.method == "lora":
+        delta = s * x @ (B @ A).T
+    elif cfg.method == "dora":
+        m_over_n = layer.magnitude / (W0 + s * B @ A).norm(dim=1).detach()
+        delta = (m_over_n - 1) * (x @ W0.T) + m_over_n * (s * x @ (B @ A).T)
+    else:
+        delta = x @ (W0 * (B @ A)).T
+    y = x @ W0.T + g * delta
+    return y if b is None else y + b
+
+
+@pytest.mark.parametrize("method,gate,bias,x_grad", itertools.product(METHODS, GATES, (True, False), (True, False)))
+def test_the_fast_paths_give_the_plain_formulas_output_and_gradients(method, gate, bias, x_grad):
+    """add_linear, the gate on the r numbers of A x, HiRAMerged, HiRAGated and DoRARescale: the same
+    output and the same gradient for x (when it needs one) and every trainable tensor as the formula
+    without them."""
+    layer = trained_layer(method, gate, bias)
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=x_grad)
+    dy = torch.randn(2, 3, OUT, dtype=torch.float64)
+    params = [x] * x_grad + [p for p in layer.parameters() if p.requires_grad]
+    fast = torch.autograd.grad(layer(x), params, dy)
+    plain = torch.autograd.grad(plain_formula(layer, x), params, dy)
+    torch.testing.assert_close(layer(x), plain_formula(layer, x), rtol=1e-12, atol=1e-12)
+    for got, want in zip(fast, plain):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_hira_keeps_neither_the_merged_weight_nor_the_update_for_the_backward(gate):
+    """Memory: the tensors a HiRA layer saves for the backward are x, g and the (frozen or small)
+    parameters W0, B (or g B) and A: no (out, in) weight product and no (N, out) update."""
+    layer = trained_layer("hira", gate)
+    x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    params = {p.data_ptr() for p in layer.parameters()}
+    others = [tuple(t.shape) for t in saved if t.data_ptr() not in params]
+    assert all(shape in ((), (OUT, RANK)) or shape[-1] in (IN, 1) for shape in others), others
+
+
+def test_the_fast_paths_keep_a_bf16_base_in_bf16_and_the_adapter_in_fp32():
+    for method, gate in itertools.product(METHODS, GATES):
+        layer = trained_layer(method, gate, dtype=torch.bfloat16)
+        x = torch.randn(2, 3, IN, dtype=torch.bfloat16, requires_grad=True)
+        y = layer(x)
+        y.float().sum().backward()
+        assert y.dtype == x.grad.dtype == torch.bfloat16
+        assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+        torch.testing.assert_close(y.double(), plain_formula(layer.double(), x.double()), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("row", ["base"] + [f"{m}/{g}" for m in METHODS for g in GATES])
+def test_the_flop_count_is_what_the_step_executes(row):
+    """bench.step_flops against torch's FlopCounterMode, which counts every matmul a training step of
+    a small GPT-2 runs. Two known differences: attention is left out on both sides (the counter does
+    not see CPU flash attention); the floor leaves out HiRA's second B A in the backward (2 out r in
+    per adapted layer, the price of not keeping W0 * BA) and the two reductions of DoRA with a token
+    gate that DoRARescale writes as matrix-vector products (4 N out). The counter gets a formula for
+    the in-place addmm_ (add_linear), which it does not know."""
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=100, block_size=32)
+    B, T, r = 2, 16, 4
+    torch.manual_seed(0)
+    model = GPT(config).requires_grad_(False)
+    if row != "base":
+        method, gate = row.split("/")
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=r))
+    model.transformer.wte.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    idx = torch.randint(config.vocab_size, (B, T))
+    def addmm_flops(input_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):  # (m, k) @ (k, n)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as counter:
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "attention" not in str(op))
+    expected = step_flops(row, config, B, T, r) - config.n_layer * 6 * B * T * T * config.n_embd // 2
+    C, H = config.n_embd, config.mlp_hidden
+    if row.startswith("hira"):
+        expected += config.n_layer * 2 * r * (3 * C * C + 2 * C * H)    # q, k, v: (C, C); up, down: (C, H)
+    if row == "dora/token":
+        expected += config.n_layer * 4 * B * T * (3 * C + H + C)         # outputs of q, k, v, up, down
+    assert counted == expected

@@ -1,0 +1,364 @@
+"""
+What each adapter and the gate cost: one training step (forward, backward, AdamW step) of a
+GPT-2-124M-shaped model with random weights, for the frozen base alone and for LoRA, DoRA and HiRA
+with gate none, static and token, beside the arithmetic floor of each; then KV-cache generation.
+
+    python bench.py                        # CPU fp32, batch 8 x 256 (about 25 min on 2 cores)
+    python bench.py --quick                # a sanity run of every row on a 2-layer model
+    python bench.py --device cuda          # bf16, with the achieved TFLOP/s and MFU
+    python bench.py --profile hira/token   # torch.profiler's table of one step of one row
+
+Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
+Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's targets),
+alpha 64, no dropout. The frozen base runs forward and backward to its inputs (the token embeddings
+get requires_grad) with no trainable parameter; every adapter row runs that same backward, so that
+two rows differ only by the adapter.
+
+The arithmetic floor: the matmul FLOPs of one step, 2 per multiply-add. With N = batch x seq tokens,
+one matmul of the N tokens with an (out, in) weight costs one *unit*, U = 2 N in out.
+  frozen linear    2U: forward W0 x and backward to the input dy W0 (a frozen weight needs no dW)
+  attention        per layer 6 B T^2 C: q k^T and p v forward, four matmuls backward; causal half
+  lm_head          2U with (out, in) = (vocab, C)
+An adapted linear adds (r = rank):
+  LoRA             6 N r (in + out): A x and B (A x) forward, an input and a weight gradient of each
+  DoRA             LoRA + 2 out r in for B A in the weight norm ||W0 + s B A|| (once a step)
+  HiRA, merged     + 1U: with gate none or static the step runs ONE matmul with W0 * (1 + g B A), whose
+                   weight gradient dy^T x is the third unit; + 3 x 2 out r in for B A and its gradients
+  HiRA, token      + 3U: g(x) differs per token, so W0 x and g (Delta_W x) are separate matmuls:
+                   Delta_W x, its input gradient and its weight gradient, 5 units in all; + the B A terms
+  token gate       + 6 N in: w_g . x forward and its two gradients (a static gate: nothing)
+Elementwise work (norms, GELU, softmax, the gate's products, AdamW) is not counted: it moves memory
+rather than multiplying. time/base beside FLOPs/base shows what a row costs beyond its arithmetic.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+
+import torch
+import torch.nn.functional as F
+
+from gatera import GateRAConfig, adapted_layers, apply_gatera
+from model import GPT, GPTConfig
+
+OURS = ["base"] + [f"{m}/{g}" for m in ("lora", "dora", "hira") for g in ("none", "static", "token")]
+PEFT = ["peft-lora", "peft-dora", "peft-hira"]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--batch", type=int, default=8)
+parser.add_argument("--seq", type=int, default=256)
+parser.add_argument("--layers", type=int, default=12)
+parser.add_argument("--rank", type=int, default=32)
+parser.add_argument("--steps", type=int, default=3, help="timed steps per row")
+parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them (at least 1)")
+parser.add_argument("--prompt", type=int, default=128, help="generation: prompt tokens")
+parser.add_argument("--new", type=int, default=64, help="generation: new tokens")
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PEFT + ["generate"]))
+parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
+parser.add_argument("--out", default="bench.json")
+parser.add_argument("--quick", action="store_true", help="sanity run: 2 layers, batch 2 x 64, 1 timed step")
+parser.add_argument("--profile", default=None, metavar="ROW", help="print torch.profiler's table of one step")
+parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one row here, print its JSON
+
+
+def parse_args(argv=None):
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.layers, args.batch, args.seq, args.steps, args.prompt, args.new = 2, 2, 64, 1, 16, 8
+    args.warmup = max(args.warmup, 1)  # the first step also measures the peak memory
+    args.device = torch.device(args.device)
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
+    args.gpt = GPTConfig(n_layer=args.layers)  # GPT-2 124M: 12 heads, 768 wide, vocab 50257
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the arithmetic floor
+
+
+def step_flops(row, c, B, T, r, hira_merges=True):
+    """Matmul FLOPs of one training step of `row` ("base", "lora/token", ...) for a GPT-2-shaped model
+    of config c, batch B x T and adapter rank r (see the docstring). hira_merges: whether HiRA with
+    gate none or static runs one merged matmul (AdaptedLinear does when base and adapter share a dtype)."""
+    N, C = B * T, c.n_embd
+    shapes = {"q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C),
+              "up_proj": (C, c.mlp_hidden), "down_proj": (c.mlp_hidden, C)}  # (in, out)
+
+    def unit(fan_in, fan_out):  # one matmul of the N tokens with an (out, in) weight
+        return 2 * N * fan_in * fan_out
+
+    flops = c.n_layer * sum(2 * unit(*s) for s in shapes.values())       # frozen linears: forward + input grad
+    flops += c.n_layer * 6 * B * T * T * C // 2                           # attention, causal half
+    flops += 2 * unit(C, c.vocab_size)                                    # lm_head
+    if row == "base":
+        return flops
+    method, gate = row.split("/")
+    merged = method == "hira" and gate != "token" and hira_merges
+    for target in GateRAConfig().targets:
+        fan_in, fan_out = shapes[target]
+        if method == "hira":
+            extra = (1 if merged else 3) * unit(fan_in, fan_out) + 3 * 2 * fan_out * r * fan_in
+        else:
+            extra = 6 * N * r * (fan_in + fan_out) + (2 * fan_out * r * fan_in if method == "dora" else 0)
+        if gate == "token":
+            extra += 6 * N * fan_in
+        flops += c.n_layer * extra
+    return flops
+
+
+# -----------------------------------------------------------------------------
+# one row, in its own process
+
+
+def build(row, args):
+    """The model of `row`, its trainable parameters and a function idx -> logits."""
+    torch.manual_seed(0)
+    if row.startswith("peft-"):
+        from peft import HiraConfig, LoraConfig, get_peft_model
+        from transformers import GPT2Config, GPT2LMHeadModel
+        hf_config = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").to(args.device, args.dtype)
+        # GPT-2 fuses q, k and v into one Conv1D, c_attn: the same projections as our q, k, v_proj
+        common = dict(r=args.rank, target_modules=["c_attn", "c_fc", "mlp.c_proj"], fan_in_fan_out=True)
+        if row == "peft-hira":
+            peft_config = HiraConfig(**common, init_weights=False)
+        else:
+            peft_config = LoraConfig(**common, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                     use_dora=row == "peft-dora", init_lora_weights=False)
+        model = get_peft_model(hf, peft_config)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+        return model, [p for p in model.parameters() if p.requires_grad], lambda idx: model(input_ids=idx).logits
+    model = GPT(args.gpt).to(args.device, args.dtype).requires_grad_(False)
+    if row != "base":
+        method, gate = row.split("/")
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank))
+        with torch.no_grad():
+            for _, layer in adapted_layers(model):
+                layer.lora_B.normal_(std=0.01)  # a non-zero update, as after some training
+    model.transformer.wte.register_forward_hook(lambda m, i, out: out.requires_grad_())
+    return model, [p for p in model.parameters() if p.requires_grad], model
+
+
+def peak_allocated_mb(prof):
+    """The most tensor memory that a torch.profiler(profile_memory=True) run allocated on top of what
+    was live when it began: the peak of the running sum of its allocation (+) and free (-) events.
+    (PyTorch keeps no memory statistics for the CPU, as torch.cuda.max_memory_allocated does.)"""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_row(row, args):
+    """Build `row` and run its steps: the first one measures the peak memory (weights, activations,
+    gradients and optimizer state), the next args.warmup - 1 warm up, the last args.steps are timed."""
+    model, params, logits_of = build(row, args)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    idx = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
+    targets = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
+
+    def step():
+        loss = F.cross_entropy(logits_of(idx).flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+        step()
+        peak_mb = torch.cuda.max_memory_allocated(args.device) / 2**20
+    else:
+        weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                   for t in [*model.parameters(), *model.buffers()]}  # tied weights counted once
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        peak_mb = sum(weights.values()) / 2**20 + peak_allocated_mb(prof)
+    if args.profile:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            step()
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
+        return None
+    for _ in range(args.warmup - 1):
+        step()
+    times = []
+    for _ in range(args.steps):
+        sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        times.append(time.perf_counter() - t0)
+    return dict(row=row, times_s=times, peak_mb=peak_mb, flops=None if row.startswith("peft-") else
+                step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
+
+
+@torch.no_grad()
+def run_generation(args):
+    """Greedy generation of args.new tokens after an args.prompt-token prompt, batch 1: model.generate
+    (with the KV cache each step feeds one token) against recomputing the whole sequence each step;
+    and GateRA (HiRA, token gate) with the cache."""
+    torch.manual_seed(0)
+    model = GPT(args.gpt).to(args.device, args.dtype).eval()
+    prompt = torch.randint(args.gpt.vocab_size, (1, args.prompt), device=args.device)
+
+    def without_cache(idx, new):
+        for _ in range(new):
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+    def tokens_per_s(generate):
+        generate(prompt[:, :8], 2)  # warm-up
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = generate(prompt, args.new)
+        sync(args.device)
+        return args.new / (time.perf_counter() - t0), out[0, args.prompt:].tolist()
+
+    cache, cache_ids = tokens_per_s(model.generate)
+    recompute, recompute_ids = tokens_per_s(without_cache)
+    apply_gatera(model, GateRAConfig(method="hira", gate="token", rank=args.rank))
+    gatera_cache, _ = tokens_per_s(model.generate)
+    return dict(row="generate", cache_tokens_per_s=cache, no_cache_tokens_per_s=recompute,
+                same_tokens=cache_ids == recompute_ids, gatera_cache_tokens_per_s=gatera_cache)
+
+
+# -----------------------------------------------------------------------------
+# the parent: one child process per row, then the table
+
+
+def run_child(row):
+    """Run `row` in a fresh process with this process's settings; its JSON result."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, os.path.join(here, "bench.py"), *sys.argv[1:], "--child", row]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.py: row {row} failed (run `{' '.join(cmd)}` to see it alone):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check(targets, label, value, limit, at_least=False):
+    """Record and print one target: value <= limit (value >= limit when at_least)."""
+    met = value >= limit if at_least else value <= limit
+    targets.append(dict(target=label, value=round(value, 3), limit=limit, at_least=at_least, met=met))
+    print(f"  {'met   ' if met else 'MISSED'} {label}: {value:.3f} ({'>=' if at_least else '<='} {limit:g})")
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        print(json.dumps(run_generation(args) if args.child == "generate" else run_row(args.child, args)))
+        return
+    if args.profile:
+        run_row(args.profile, args)
+        return
+    have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
+    rows = OURS + (PEFT if have_peft else []) + ["generate"]
+    if args.rows:
+        rows = args.rows.split(",")
+        unknown = set(rows) - set(OURS + PEFT + ["generate"])
+        if unknown:
+            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(OURS + PEFT + ['generate'])}")
+    print(f"GPT-2-124M shape with {args.layers} layers (768 wide, 12 heads, vocab 50257), batch {args.batch} x "
+          f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
+    print(f"adapters: rank {args.rank} on {', '.join(GateRAConfig().targets)}, alpha {2 * args.rank}, no dropout")
+    if not have_peft:
+        print("peft or transformers is not installed: no PEFT rows (pip install peft)")
+    peak = args.peak_tflops
+    if peak is None and args.device.type == "cuda":
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(args.device)), None)
+
+    results = {}
+    for row in rows:
+        print(f"  running {row} ...", file=sys.stderr, flush=True)
+        results[row] = run_child(row)
+    generation = results.pop("generate", None)
+    base = results.get("base")
+    for r in results.values():
+        r["median_s"] = statistics.median(r["times_s"])
+        r["spread"] = (max(r["times_s"]) - min(r["times_s"])) / r["median_s"]
+        if r["flops"]:
+            r["gflop"] = r["flops"] / 1e9
+            r["tflops_per_s"] = r["flops"] / r["median_s"] / 1e12
+            r["mfu"] = r["tflops_per_s"] / peak if peak else None
+        if base:
+            r["time_ratio"] = r["median_s"] / base["median_s"]
+            r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
+            if r["flops"]:
+                r["flop_ratio"] = r["flops"] / base["flops"]
+                r["excess"] = r["time_ratio"] / r["flop_ratio"]  # the cost beyond the arithmetic
+
+    columns = [("step ms", "median_s", 1e3, ".0f"), ("spread", "spread", 1, ".1%"), ("GFLOP", "gflop", 1, ".0f"),
+               ("TFLOP/s", "tflops_per_s", 1, ".3f"), ("MFU", "mfu", 1, ".1%"), ("time/base", "time_ratio", 1, ".3f"),
+               ("FLOPs/base", "flop_ratio", 1, ".3f"), ("excess", "excess", 1, ".3f"),
+               ("peak MB", "peak_mb", 1, ".0f"), ("mem/base", "mem_ratio", 1, ".3f")]
+    header = f"{'row':12}" + "".join(f"{title:>11}" for title, *_ in columns)
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in results.items():
+        print(f"{name:12}" + "".join(format(r[key] * scale, fmt).rjust(11) if r.get(key) is not None else "-".rjust(11)
+                                     for _, key, scale, fmt in columns))
+    print("step ms: median of the timed steps; spread: (max - min) / median; excess: time/base over FLOPs/base;\n"
+          "peak MB: the most tensor memory live at once during a step (weights included), "
+          + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "from torch.profiler's allocation events"))
+
+    targets = []
+    print("\ntargets:")
+    if base:
+        for name in OURS[1:]:
+            if name in results:
+                check(targets, f"{name} time/base over FLOPs/base", results[name]["excess"], 1.10)
+        for name in OURS[1:]:
+            if name in results:
+                check(targets, f"{name} peak memory / base's", results[name]["mem_ratio"], 1.20)
+    for m in ("lora", "dora"):
+        if f"{m}/none" in results and f"{m}/token" in results:
+            check(targets, f"{m}: gate token / gate none time", results[f"{m}/token"]["median_s"] / results[f"{m}/none"]["median_s"], 1.05)
+    for g in ("none", "static", "token"):
+        if f"dora/{g}" in results and f"lora/{g}" in results:
+            check(targets, f"dora/{g} / lora/{g} time", results[f"dora/{g}"]["median_s"] / results[f"lora/{g}"]["median_s"], 1.15)
+    for m, limit in (("lora", 0.90), ("dora", 0.90), ("hira", 1.0)):
+        ours, theirs = results.get(f"{m}/none"), results.get(f"peft-{m}")
+        if ours and theirs:
+            check(targets, f"{m}/none time / PEFT {m}'s", ours["median_s"] / theirs["median_s"], limit)
+            check(targets, f"{m}/none peak memory / PEFT {m}'s", ours["peak_mb"] / theirs["peak_mb"], 1.0)
+    if generation:
+        generation["speedup"] = generation["cache_tokens_per_s"] / generation["no_cache_tokens_per_s"]
+        print(f"\ngeneration, batch 1, {args.new} new tokens after a {args.prompt}-token prompt (frozen base):\n"
+              f"  KV cache {generation['cache_tokens_per_s']:.1f} tokens/s, recomputing "
+              f"{generation['no_cache_tokens_per_s']:.1f} tokens/s: {generation['speedup']:.1f}x; "
+              f"the same tokens: {generation['same_tokens']}\n"
+              f"  GateRA (HiRA, token gate) with the KV cache: {generation['gatera_cache_tokens_per_s']:.1f} tokens/s")
+        check(targets, "KV-cache generation speedup over recomputing", generation["speedup"], 5.0, at_least=True)
+
+    settings = {k: v if isinstance(v, (int, float, str, type(None))) else str(v)
+                for k, v in vars(args).items() if k not in ("child", "profile", "gpt")}
+    report = dict(settings=settings,
+                  torch=torch.__version__, threads=torch.get_num_threads(), rows=results, generation=generation,
+                  targets=targets)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, args.out)
+    missed = [t["target"] for t in targets if not t["met"]]
+    print(f"\nwrote {args.out}; {len(missed)} of {len(targets)} targets missed" + (": " + "; ".join(missed) if missed else ""))
+
+
+if __name__ == "__main__":
+    main()
