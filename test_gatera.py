@@ -46,16 +46,16 @@ METHODS, GATES = ("lora", "dora", "hira"), ("none", "static", "token")
 IN, OUT, RANK, T = 6, 5, 3, 4
 
 
-def make_layer(method, gate, rank=RANK, seed=0, bias=True):
-    """A float64 adapted layer with random (non-zero) A, B, magnitude and gate, as after training."""
+def make_layer(method, gate, rank=RANK, seed=0, bias=True, dtype=torch.float64):
+    """An adapted layer (float64 unless told) with random non-zero A, B, magnitude and gate, as after training."""
     torch.manual_seed(seed)
-    base = nn.Linear(IN, OUT, bias=bias, dtype=torch.float64)
+    base = nn.Linear(IN, OUT, bias=bias, dtype=dtype)
     cfg = GateRAConfig(method=method, rank=rank, alpha=2.0 * rank, gate=gate, targets=("x",))
     layer = AdaptedLinear(base, cfg)
     with torch.no_grad():
         layer.lora_B.normal_()
         if method == "dora":
-            layer.magnitude.mul_(1 + 0.3 * torch.randn(OUT, dtype=torch.float64))
+            layer.magnitude.mul_(1 + 0.3 * torch.randn(OUT, dtype=layer.magnitude.dtype))
         if gate == "token":
             layer.gate.weight.normal_()
             layer.gate.bias.fill_(0.2)
@@ -1396,23 +1396,6 @@ def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
 # =============================================================================
 # gatera.py's fast paths and bench.py's FLOP count
 
-def trained_layer(method, gate, bias=True, dtype=torch.float64):
-    """An adapted layer with random (non-zero) B, magnitude and gate, as after training."""
-    torch.manual_seed(0)
-    layer = AdaptedLinear(nn.Linear(IN, OUT, bias=bias, dtype=dtype),
-                          GateRAConfig(method=method, gate=gate, rank=RANK, alpha=2.0 * RANK))
-    with torch.no_grad():
-        layer.lora_B.normal_()
-        if method == "dora":
-            layer.magnitude.mul_(1 + 0.3 * torch.randn(OUT, dtype=layer.magnitude.dtype))
-        if gate == "token":
-            layer.gate.weight.normal_()
-            layer.gate.bias.fill_(0.2)
-        elif gate == "static":
-            layer.gate.fill_(0.7)
-    return layer
-
-
 def plain_formula(layer, x):
     """y = W0 x + b + g(x) Delta(x), written out with plain autograd ops (REFERENCE sections 1-2)."""
     cfg, W0, b = layer.config, layer.base.weight, layer.base.bias
@@ -1435,7 +1418,7 @@ def test_the_fast_paths_give_the_plain_formulas_output_and_gradients(method, gat
     """add_linear, the gate on the r numbers of A x, HiRAMerged, HiRAGated and DoRARescale: the same
     output and the same gradient for x (when it needs one) and every trainable tensor as the formula
     without them."""
-    layer = trained_layer(method, gate, bias)
+    layer = make_layer(method, gate, bias=bias)
     x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=x_grad)
     dy = torch.randn(2, 3, OUT, dtype=torch.float64)
     params = [x] * x_grad + [p for p in layer.parameters() if p.requires_grad]
@@ -1450,7 +1433,7 @@ def test_the_fast_paths_give_the_plain_formulas_output_and_gradients(method, gat
 def test_hira_keeps_neither_the_merged_weight_nor_the_update_for_the_backward(gate):
     """Memory: the tensors a HiRA layer saves for the backward are x, g and the (frozen or small)
     parameters W0, B (or g B) and A: no (out, in) weight product and no (N, out) update."""
-    layer = trained_layer("hira", gate)
+    layer = make_layer("hira", gate)
     x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -1462,7 +1445,7 @@ def test_hira_keeps_neither_the_merged_weight_nor_the_update_for_the_backward(ga
 
 def test_the_fast_paths_keep_a_bf16_base_in_bf16_and_the_adapter_in_fp32():
     for method, gate in itertools.product(METHODS, GATES):
-        layer = trained_layer(method, gate, dtype=torch.bfloat16)
+        layer = make_layer(method, gate, dtype=torch.bfloat16)
         x = torch.randn(2, 3, IN, dtype=torch.bfloat16, requires_grad=True)
         y = layer(x)
         y.float().sum().backward()
