@@ -220,7 +220,7 @@ def run_generation(args):
 
     def without_cache(idx, new):
         for _ in range(new):
-            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+            idx = torch.cat([idx, model(idx, logits_at=-1).argmax(-1, keepdim=True)], dim=1)
         return idx
 
     def tokens_per_s(generate):

@@ -214,13 +214,16 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, mask=None, cache=None):
+    def forward(self, idx, mask=None, cache=None, logits_at=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) at every position.
 
         mask (B, past + T): 1 for real tokens, 0 for padding (Hugging Face's attention_mask). With LEFT
         padding every row computes what it would alone: positions count real tokens only
         (pos = cumsum(mask) - 1) and no query attends to a padded key.
-        cache: one KVCache per layer holding the `past` earlier positions (see generate)."""
+        cache: one KVCache per layer holding the `past` earlier positions (see generate).
+        logits_at: only these positions get logits, because the lm_head over a large vocabulary is the
+        biggest matmul and training needs logits only where a target is: a bool (B, T) mask -> (N, vocab_size)
+        in row-major order, or an index along T (e.g. -1 -> (B, vocab_size))."""
         B, T = idx.shape
         past = cache[0].length if cache else 0
         if mask is None and past == 0:
@@ -254,7 +257,10 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, attn_mask, use_reentrant=False)
             else:
                 x = block(x, rope, attn_mask, cache[i] if cache else None)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size)
+        if logits_at is not None:
+            is_mask = isinstance(logits_at, torch.Tensor) and logits_at.dtype == torch.bool
+            x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, C)
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size), or the positions asked for
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, mask=None, eos_id=None):
@@ -271,7 +277,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         new = idx
         for _ in range(max_new_tokens):
-            logits = self(new, mask=mask, cache=cache)[:, -1].float()  # (B, vocab_size)
+            logits = self(new, mask=mask, cache=cache, logits_at=-1).float()  # (B, vocab_size)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1)  # (B,)
             else:

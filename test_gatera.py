@@ -512,6 +512,16 @@ def test_left_padded_batch_gives_the_unpadded_logits_at_real_positions(name, ref
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_logits_at_gives_the_logits_of_the_chosen_positions_only(name, reference):
+    model = GPT.from_pretrained(FIXTURES / name)
+    idx, expected = reference["tokens"], reference[f"{name}.logits"]
+    at = torch.rand(idx.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # (B, T) bool
+    with torch.no_grad():
+        assert max_diff(model(idx, logits_at=at), expected[at]) <= 1e-5
+        assert max_diff(model(idx, logits_at=-1), expected[:, -1]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_bfloat16_load_converts_every_weight_and_keeps_the_head_tied(name, reference):
     model = GPT.from_pretrained(FIXTURES / name, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

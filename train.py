@@ -129,7 +129,7 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
             device=device)[:, None]).long()                          # (B, Tc) left padding
     cache = [KVCache() for _ in model.transformer.h]
     with autocast:
-        first = F.log_softmax(model(ids, mask=mask, cache=cache)[:, -1].float(), -1)  # (B, V) next token
+        first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
     record_gates(model, mask.bool(), gate_sums["prompt"])
     correct, nll, n_tokens = 0, 0.0, 0
     best = [(None, -math.inf)] * len(batch)
@@ -363,12 +363,12 @@ def main(argv=None):
             ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
             if ddp:  # only the last micro-batch all-reduces the gradients
                 model.require_backward_grad_sync = m == len(micro) - 1
+            has_target = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # (B, T) the next token is a target
             with autocast:
-                logits = model(ids)                                       # (B, T, V)
-            targets = labels[:, 1:].flatten()                               # (B*(T-1),) next token, -100: no loss
+                logits = model(ids, logits_at=has_target)                 # (N, V) only where a target is
+            targets = labels[:, 1:][labels[:, 1:] != -100]                   # (N,) the next tokens
             # mean over the target tokens; a micro-batch of examples cut before their response has none: 0
-            task_loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets, ignore_index=-100,
-                                        reduction="sum") / (targets != -100).sum().clamp_min(1)
+            task_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
             entropy = gate_entropy(raw_model, mask).to(device)
             loss = (task_loss + args.entropy_weight * entropy) / local_accum
             if not torch.isfinite(loss):
