@@ -1310,6 +1310,12 @@ def test_eval_only_with_the_saved_adapter_reproduces_the_accuracy_after(workdir,
     again = run_train(workdir, monkeypatch, tmp_path / "b", "--eval-only", "--adapter", str(tmp_path / "a" / "adapter"))
     assert again["accuracy_after"] == m["accuracy_after"]
     assert again["answer_loss_after"] == pytest.approx(m["answer_loss_after"], rel=1e-6)
+    assert (again["method"], again["gate"]) == (m["method"], m["gate"]) == ("hira", "token")
+
+
+def test_eval_only_without_an_adapter_evaluates_the_pretrained_model_and_says_so(workdir, monkeypatch, tmp_path):
+    m = run_train(workdir, monkeypatch, tmp_path / "z", "--eval-only")
+    assert (m["method"], m["gate"]) == ("none", "none")
 
 
 def test_generate_eval_runs_greedy_batched_generation(workdir, monkeypatch, tmp_path):

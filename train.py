@@ -247,14 +247,16 @@ def main(argv=None):
     if args.eval_only and args.adapter:
         cfg = load_adapter(model, args.adapter)
         args.method, args.rank, args.gate = cfg.method, cfg.rank, cfg.gate
-    elif not args.eval_only:
+    elif args.eval_only:
+        args.method = args.gate = "none"  # the pretrained model alone: nothing is adapted
+    else:
         apply_gatera(model, cfg)
     model.to(device)
     model.gradient_checkpointing = args.grad_checkpointing
     raw_model = model  # model may become a DDP / compiled wrapper below; evaluation and saving use raw_model
     n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
-    what = "no adapter" if args.eval_only and not args.adapter else f"{args.method} r={args.rank} gate={args.gate}"
+    what = "no adapter" if args.method == "none" else f"{args.method} r={args.rank} gate={args.gate}"
     say(f"{args.model}: {n_total / 1e6:.1f}M parameters, {n_adapter / 1e6:.3f}M trainable "
         f"({100 * n_adapter / n_total:.3f}%) | {what} | {device} {dtype}")
 
