@@ -1294,7 +1294,8 @@ def test_training_lowers_the_loss_and_writes_every_output(workdir, monkeypatch, 
                   "--entropy-weight", "0.1")
     assert m["train_loss_last"] < m["train_loss_first"] - 0.25  # nats; about 0.46 was measured
     for key in ("task", "model", "method", "gate", "entropy_weight", "n_train", "n_eval", "eval_mode",
-                "accuracy_before", "accuracy_after", "train_loss_first", "train_loss_last", "tokens_per_s", "wall_s"):
+                "accuracy_before", "accuracy_after", "answer_loss_before", "answer_loss_after", "label_loss_before",
+                "label_loss_after", "train_loss_first", "train_loss_last", "tokens_per_s", "wall_s"):
         assert m[key] is not None, key
     out = tmp_path / "out"
     assert json.loads((out / "metrics.json").read_text())["accuracy_after"] == m["accuracy_after"]
@@ -1384,29 +1385,36 @@ def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
 
 def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
     """score_batch runs the shared prompt once and forks its KV cache per label; the plain way scores
-    every prompt + label sequence on its own. Same scores, same answers."""
+    every prompt + label sequence on its own. Same answers, same losses on the answer and on the label
+    tokens (those from the first position where the two labels' tokens differ)."""
     model_dir, data_dir, _ = workdir
     tok, model = data.load_tokenizer(model_dir), GPT.from_pretrained(model_dir).eval()
     batch = [piqa_example(*r) for r in PIQA[:5]]
     for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
         ex["answer"] = label  # vary which label is the correct one
-    sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
-    correct, nll, n = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), sums)
-    plain_correct, plain_nll, plain_n = 0, 0.0, 0
+    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
+    correct, sums = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), gate_sums)
+    plain = {"correct": 0, "answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
     with torch.no_grad():
         for ex in batch:
-            scores = {}
+            scores, picked, seqs = {}, {}, {}
             for label, text in data.label_choices("piqa", ex["instruction"]).items():
                 ids, labels = data.encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
                 ids, labels = ids[:-1], labels[:-1]  # not EOS
                 logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)  # (T-1, V)
-                picked = [logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100]
-                scores[label] = sum(picked)
-                if label == ex["answer"]:
-                    plain_nll, plain_n = plain_nll - sum(picked), plain_n + len(picked)
-            plain_correct += max(scores, key=scores.get) == ex["answer"]
-    assert (correct, n) == (plain_correct, plain_n)
-    assert nll == pytest.approx(plain_nll, rel=1e-5)
+                picked[label] = {t: logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100}
+                scores[label], seqs[label] = sum(picked[label].values()), ids
+            plain["correct"] += max(scores, key=scores.get) == ex["answer"]
+            answer, other = seqs[ex["answer"]], next(q for label, q in seqs.items() if label != ex["answer"])
+            split = next(t for t in range(len(answer)) if t >= len(other) or answer[t] != other[t])  # the labels differ
+            plain["answer_nll"] -= sum(picked[ex["answer"]].values())
+            plain["answer_tokens"] += len(picked[ex["answer"]])
+            plain["label_nll"] -= sum(v for t, v in picked[ex["answer"]].items() if t >= split)
+            plain["label_tokens"] += sum(t >= split for t in picked[ex["answer"]])
+    assert (correct, sums["answer_tokens"], sums["label_tokens"]) == (plain["correct"], plain["answer_tokens"], plain["label_tokens"])
+    assert 0 < plain["label_tokens"] < plain["answer_tokens"]
+    assert sums["answer_nll"] == pytest.approx(plain["answer_nll"], rel=1e-5)
+    assert sums["label_nll"] == pytest.approx(plain["label_nll"], rel=1e-5)
 
 
 # =============================================================================

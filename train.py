@@ -112,8 +112,10 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
     """Log-likelihood scoring: each offered label's continuation ("the correct answer is <label>")
     gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
     The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
-    for every label's few remaining tokens. Returns (number correct, NLL of the correct
-    continuations, their token count)."""
+    for every label's few remaining tokens. Returns the number correct and, for the correct
+    continuations, the NLL and token count of their response tokens ("answer") and of the tokens
+    that tell the labels apart ("label", e.g. "1" of "solution1": the response minus the common
+    format words)."""
     choices = []  # per example: [(label, ids, first response position)]
     for ex in batch:
         rows = []
@@ -124,6 +126,7 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
     # the context: the tokens before the first response token that every label's sequence shares
     starts = [min(min(start for _, _, start in rows), common_prefix([ids for _, ids, _ in rows])) for rows in choices]
     ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
+    shared = [common_prefix([ids for _, ids, _ in rows]) for rows in choices]  # label tokens start here
     ids = torch.tensor([[tok.pad_id] * (max(map(len, ctx)) - len(c)) + c for c in ctx], device=device)  # (B, Tc)
     mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
             device=device)[:, None]).long()                          # (B, Tc) left padding
@@ -131,7 +134,7 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
     with autocast:
         first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
     record_gates(model, mask.bool(), gate_sums["prompt"])
-    correct, nll, n_tokens = 0, 0.0, 0
+    sums = {"answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
     best = [(None, -math.inf)] * len(batch)
     for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
         tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
@@ -147,6 +150,8 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
         response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]
                                  for rows, s, t in zip(choices, starts, tails)], device=device)  # (B, T)
         token_logp = logp.gather(-1, tail_ids[..., None])[..., 0] * response  # (B, T) log p of response tokens
+        label = response & (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+                            >= torch.tensor(shared, device=device)[:, None])  # (B, T) past the shared words
         record_gates(model, response, gate_sums["answer"])
         for b, (rows, ex) in enumerate(zip(choices, batch)):
             if c < len(rows):
@@ -154,17 +159,21 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
                 if score > best[b][1]:
                     best[b] = (rows[c][0], score)
                 if rows[c][0] == ex["answer"]:
-                    nll, n_tokens = nll - score, n_tokens + response[b].sum().item()
-    correct = sum(label == ex["answer"] for (label, _), ex in zip(best, batch))
-    return correct, nll, n_tokens
+                    sums["answer_nll"] -= score
+                    sums["answer_tokens"] += response[b].sum().item()
+                    sums["label_nll"] -= (token_logp[b] * label[b]).sum().item()
+                    sums["label_tokens"] += label[b].sum().item()
+    correct = sum(answer == ex["answer"] for (answer, _), ex in zip(best, batch))
+    return correct, sums
 
 
 @torch.no_grad()
 def evaluate(model, tok, task, examples, args, device, autocast):
-    """Accuracy on examples, plus (score mode) the mean loss on the correct answer's tokens and the
-    mean gate on prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
+    """Accuracy on examples, plus (score mode) the mean loss on the correct answer's response tokens
+    and on its label tokens (see score_batch), and the mean gate on prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
     model.eval()
-    correct, answer_nll, answer_tokens, t0 = 0, 0.0, 0, time.time()
+    correct, t0 = 0, time.time()
+    sums = {"answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
     gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
     bs = args.eval_batch_size
     for i in range(0, len(examples), bs):
@@ -176,13 +185,15 @@ def evaluate(model, tok, task, examples, args, device, autocast):
                 new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
                 correct += extract_answer(task, tok.decode(new)) == ex["answer"]
         else:
-            n_correct, nll, n_tokens = score_batch(model, tok, task, batch, device, autocast, gate_sums)
-            correct, answer_nll, answer_tokens = correct + n_correct, answer_nll + nll, answer_tokens + n_tokens
+            n_correct, batch_sums = score_batch(model, tok, task, batch, device, autocast, gate_sums)
+            correct += n_correct
+            sums = {k: v + batch_sums[k] for k, v in sums.items()}
         if (i // bs) % 10 == 9 or i + bs >= len(examples):
             progress(f"eval {task}", min(i + bs, len(examples)), len(examples), t0)
     model.train()
     return {"accuracy": correct / max(len(examples), 1),
-            "answer_loss": answer_nll / answer_tokens if answer_tokens else None,
+            **{f"{k}_loss": sums[f"{k}_nll"] / sums[f"{k}_tokens"] if sums[f"{k}_tokens"] else None
+               for k in ("answer", "label")},
             **{f"gate_{k}": s / n if n else None for k, (s, n) in gate_sums.items()}}
 
 
@@ -270,12 +281,14 @@ def main(argv=None):
     def run_eval(when):
         results = {t: evaluate(raw_model, tok, t, exs, args, device, autocast) for t, exs in tests.items()}
         acc = sum(r["accuracy"] * len(tests[t]) for t, r in results.items()) / metrics["n_eval"]
-        loss = [r["answer_loss"] for r in results.values() if r["answer_loss"] is not None]
         lo, hi = interval95(acc, metrics["n_eval"])
-        say(f"accuracy {when}: {acc:.4f} (95% interval {lo:.4f}-{hi:.4f}, {metrics['n_eval']} examples)"
-            + (f" | answer loss {sum(loss) / len(loss):.4f}" if loss else ""))
-        metrics.update({f"accuracy_{when}": acc, f"accuracy_{when}_95": interval95(acc, metrics["n_eval"]),
-                        f"answer_loss_{when}": sum(loss) / len(loss) if loss else None, f"eval_{when}": results})
+        metrics.update({f"accuracy_{when}": acc, f"accuracy_{when}_95": [lo, hi], f"eval_{when}": results})
+        text = f"accuracy {when}: {acc:.4f} (95% interval {lo:.4f}-{hi:.4f}, {metrics['n_eval']} examples)"
+        for k in ("answer", "label"):  # averaged over the tasks
+            loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
+            metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
+            text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
+        say(text)
 
     t_start = time.time()
     if args.eval_only:
