@@ -362,7 +362,7 @@ def main(argv=None):
         f"{world} process(es), lr {args.lr:g}, entropy weight {args.entropy_weight:g}")
     model.train()
     local_accum = args.grad_accum // world
-    t0, t_last, tokens_seen, step0 = time.time(), time.time(), 0, step
+    t0, tokens_seen, step0 = time.time(), 0, step
     while step < total_steps:
         lr = lr_at(step)
         for group in optimizer.param_groups:
