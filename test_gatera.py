@@ -1392,8 +1392,9 @@ def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
     batch = [piqa_example(*r) for r in PIQA[:5]]
     for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
         ex["answer"] = label  # vary which label is the correct one
-    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
-    correct, sums = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), gate_sums)
+    gate_sums, loss_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}, {"answer": [0.0, 0], "label": [0.0, 0]}
+    correct = train.score_batch(model, tok, "piqa", batch, "cpu", nullcontext(), gate_sums, loss_sums)
+    sums = {f"{k}_{part}": loss_sums[k][i] for k in ("answer", "label") for i, part in enumerate(("nll", "tokens"))}
     plain = {"correct": 0, "answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
     with torch.no_grad():
         for ex in batch:

@@ -108,14 +108,14 @@ def common_prefix(seqs):
 
 
 @torch.no_grad()
-def score_batch(model, tok, task, batch, device, autocast, gate_sums):
+def score_batch(model, tok, task, batch, device, autocast, gate_sums, loss_sums):
     """Log-likelihood scoring: each offered label's continuation ("the correct answer is <label>")
     gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
     The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
-    for every label's few remaining tokens. Returns the number correct and, for the correct
-    continuations, the NLL and token count of their response tokens ("answer") and of the tokens
-    that tell the labels apart ("label", e.g. "1" of "solution1": the response minus the common
-    format words)."""
+    for every label's few remaining tokens. Returns the number correct; adds to loss_sums, for the
+    correct continuations, the NLL and token count of their response tokens ("answer") and of the
+    tokens that tell the labels apart ("label", e.g. "1" of "solution1": the response minus the
+    common format words)."""
     choices = []  # per example: [(label, ids, first response position)]
     for ex in batch:
         rows = []
@@ -124,9 +124,9 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
             rows.append((label, ids[:-1], labels.index(next(y for y in labels if y != -100))))  # drop EOS
         choices.append(rows)
     # the context: the tokens before the first response token that every label's sequence shares
-    starts = [min(min(start for _, _, start in rows), common_prefix([ids for _, ids, _ in rows])) for rows in choices]
-    ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
     shared = [common_prefix([ids for _, ids, _ in rows]) for rows in choices]  # label tokens start here
+    starts = [min(min(start for _, _, start in rows), n) for rows, n in zip(choices, shared)]
+    ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
     ids = torch.tensor([[tok.pad_id] * (max(map(len, ctx)) - len(c)) + c for c in ctx], device=device)  # (B, Tc)
     mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
             device=device)[:, None]).long()                          # (B, Tc) left padding
@@ -134,7 +134,6 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
     with autocast:
         first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
     record_gates(model, mask.bool(), gate_sums["prompt"])
-    sums = {"answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
     best = [(None, -math.inf)] * len(batch)
     for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
         tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
@@ -159,22 +158,22 @@ def score_batch(model, tok, task, batch, device, autocast, gate_sums):
                 if score > best[b][1]:
                     best[b] = (rows[c][0], score)
                 if rows[c][0] == ex["answer"]:
-                    sums["answer_nll"] -= score
-                    sums["answer_tokens"] += response[b].sum().item()
-                    sums["label_nll"] -= (token_logp[b] * label[b]).sum().item()
-                    sums["label_tokens"] += label[b].sum().item()
-    correct = sum(answer == ex["answer"] for (answer, _), ex in zip(best, batch))
-    return correct, sums
+                    loss_sums["answer"][0] -= score
+                    loss_sums["answer"][1] += response[b].sum().item()
+                    loss_sums["label"][0] -= (token_logp[b] * label[b]).sum().item()
+                    loss_sums["label"][1] += label[b].sum().item()
+    return sum(answer == ex["answer"] for (answer, _), ex in zip(best, batch))
 
 
 @torch.no_grad()
 def evaluate(model, tok, task, examples, args, device, autocast):
     """Accuracy on examples, plus (score mode) the mean loss on the correct answer's response tokens
-    and on its label tokens (see score_batch), and the mean gate on prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
+    and on its label tokens (see score_batch), and the mean gate on prompt vs answer tokens (the
+    paper sees gates near 0 on the prompt)."""
     model.eval()
     correct, t0 = 0, time.time()
-    sums = {"answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
-    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}
+    loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}  # [NLL, tokens]
+    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}  # [sum of gates, count]
     bs = args.eval_batch_size
     for i in range(0, len(examples), bs):
         batch = examples[i:i + bs]
@@ -185,15 +184,12 @@ def evaluate(model, tok, task, examples, args, device, autocast):
                 new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
                 correct += extract_answer(task, tok.decode(new)) == ex["answer"]
         else:
-            n_correct, batch_sums = score_batch(model, tok, task, batch, device, autocast, gate_sums)
-            correct += n_correct
-            sums = {k: v + batch_sums[k] for k, v in sums.items()}
+            correct += score_batch(model, tok, task, batch, device, autocast, gate_sums, loss_sums)
         if (i // bs) % 10 == 9 or i + bs >= len(examples):
             progress(f"eval {task}", min(i + bs, len(examples)), len(examples), t0)
     model.train()
     return {"accuracy": correct / max(len(examples), 1),
-            **{f"{k}_loss": sums[f"{k}_nll"] / sums[f"{k}_tokens"] if sums[f"{k}_tokens"] else None
-               for k in ("answer", "label")},
+            **{f"{k}_loss": s / n if n else None for k, (s, n) in loss_sums.items()},
             **{f"gate_{k}": s / n if n else None for k, (s, n) in gate_sums.items()}}
 
 
@@ -378,10 +374,10 @@ def main(argv=None):
             ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
             if ddp:  # only the last micro-batch all-reduces the gradients
                 model.require_backward_grad_sync = m == len(micro) - 1
-            has_target = F.pad(labels[:, 1:] != -100, (0, 1), value=False)  # (B, T) the next token is a target
-            with autocast:
-                logits = model(ids, logits_at=has_target)                 # (N, V) only where a target is
-            targets = labels[:, 1:][labels[:, 1:] != -100]                   # (N,) the next tokens
+            is_target = labels[:, 1:] != -100                               # (B, T-1) -100: no loss
+            with autocast:  # logits only at positions whose next token is a target: (N, V)
+                logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))
+            targets = labels[:, 1:][is_target]                              # (N,) those next tokens
             # mean over the target tokens; a micro-batch of examples cut before their response has none: 0
             task_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
             entropy = gate_entropy(raw_model, mask).to(device)
