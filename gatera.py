@@ -79,9 +79,32 @@ def row_norm(w):
 
 
 def add_linear(y, h, W):
-    """y + h W^T for a fresh (N, out) matrix y that nothing else uses. When the dtypes agree the
-    matmul adds into y in place (a GEMM with beta = 1), saving a pass over the (N, out) output."""
-    return y.addmm_(h, W.T) if y.dtype == W.dtype else y + F.linear(h, W).to(y.dtype)
+    """y + h W^T, added into y in place: y must be a fresh (N, out) matrix that nothing else uses.
+    When the dtypes agree the matmul itself adds into y (a GEMM with beta = 1), saving a pass."""
+    return y.addmm_(h, W.T) if y.dtype == W.dtype else y.add_(F.linear(h, W).to(y.dtype))
+
+
+class LowRankTokenGated(torch.autograd.Function):
+    """y + (g s h) B^T: a low-rank update with a token gate g (N, 1) on h = A x (N, r), added into
+    the fresh output y (N, out) in place. LoRA's update, and DoRA's with B scaled by m/n.
+
+    Plain autograd would keep both h and g s h for the backward; this keeps h and g.
+    With the loss gradient dz (N, out) and e = dz B (N, r):
+        dy = dz,   dh = g s e,   dg = s (e . h) per token,   dB = dz^T (g s h)."""
+
+    @staticmethod
+    def forward(ctx, y, h, g, B, s):
+        ctx.save_for_backward(h, g, B)
+        ctx.s = s
+        ctx.mark_dirty(y)
+        return add_linear(y, h * (g * s), B)
+
+    @staticmethod
+    def backward(ctx, dz):
+        h, g, B = ctx.saved_tensors
+        gs, dzf = g * ctx.s, dz.to(B.dtype)
+        e = dzf @ B                                                      # (N, r)
+        return dz, e * gs, ctx.s * (e * h).sum(-1, keepdim=True), dzf.T @ (h * gs), None
 
 
 class HiRAMerged(torch.autograd.Function):
@@ -136,31 +159,40 @@ class HiRAGated(torch.autograd.Function):
         return dz, dx, dg, None, dM @ A.T, B.T @ dM
 
 
-class DoRARescale(torch.autograd.Function):
-    """y + g c (y - b): DoRA's rescaling of the frozen output y = W0 x + b (N, out) by c = m/n - 1
-    (out,), scaled by the gate g: (N, 1), one value per token, or one value for all.
+class DoRAScaledBase(torch.autograd.Function):
+    """(1 + g c) * (W0 x) + b: DoRA's frozen term, the base output of x (N, in) rescaled per output
+    row by c = m/n - 1 (out,) and by the gate g: (N, 1), one value per token, or one value for all.
 
-    Plain autograd would keep both y - b and c (y - b) and pass over (N, out) matrices about twelve
-    times with a token gate; this keeps w = y - b and passes eight times (five for one gate value).
+    It keeps w = W0 x (N, out), which the gradient of c needs, and never forms W0 x + b or
+    c * W0 x as separate matrices. With one gate value the row scale k = 1 + g c moves into the
+    weight in the backward, so the input gradient is the base's one matmul and no pass over dz:
+        z = k * w + b,   dx = (dz * k) W0 = dz (k * W0)       (k * W0: out x in, not N x out)
     With the loss gradient dz (N, out) and P = dz * w:
-        dy = dz + g (dz * c),   dc = sum_t g_t P_t,   dg = P c (per token; summed for one value)."""
+        dc = sum_t g_t P_t,   dg_t = P_t . c   (summed over t for one value)."""
 
     @staticmethod
-    def forward(ctx, y, bias, g, c):
-        w = y if bias is None else y - bias                              # (N, out) W0 x
-        ctx.save_for_backward(w, g, c)
-        return torch.addcmul(y, w, g * c) if g.dim() == 0 else torch.addcmul(y, g, w * c)
+    def forward(ctx, x, W0, bias, g, c):
+        w = F.linear(x, W0).to(c.dtype)                                  # (N, out) W0 x, in the adapter's dtype
+        ctx.save_for_backward(w, W0, g, c)
+        if g.dim() == 0:
+            k = 1 + g * c                                                # (out,)
+            return w * k if bias is None else torch.addcmul(bias, w, k)  # one pass over (N, out)
+        z = torch.addcmul(w, g, w * c)                                   # (N, out) w + g (c w)
+        return z if bias is None else z.add_(bias)
 
     @staticmethod
     def backward(ctx, dz):
-        w, g, c = ctx.saved_tensors
-        P = dz * w                                                       # (N, out)
+        w, W0, g, c = ctx.saved_tensors
+        dx = None
         if g.dim() == 0:
-            dy = torch.addcmul(dz, dz, g * c) if ctx.needs_input_grad[0] else None
-            P = P.sum(0)                                                 # (out,)
-            return dy, None, P @ c, g * P
-        dy = torch.addcmul(dz, g, dz * c) if ctx.needs_input_grad[0] else None
-        return dy, None, P @ c[:, None], (g.T @ P)[0]
+            if ctx.needs_input_grad[0]:
+                dx = dz.to(W0.dtype) @ ((1 + g * c)[:, None] * W0).to(W0.dtype)  # (N, in)
+            P = torch.linalg.vecdot(dz, w, dim=0)                        # (out,) sum over tokens of dz * w
+            return dx, None, None, P @ c, g * P
+        if ctx.needs_input_grad[0]:
+            dx = torch.addcmul(dz, g, dz * c).to(W0.dtype) @ W0          # (N, in) (dz * (1 + g c)) W0
+        P = dz * w                                                       # (N, out)
+        return dx, None, None, P @ c[:, None], (g.T @ P)[0]
 
 
 class AdaptedLinear(nn.Module):
@@ -192,13 +224,16 @@ class AdaptedLinear(nn.Module):
             self.gate = None
         self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
 
-    def gate_value(self, x):
-        """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate."""
+    def gate_value(self, x, wx=None):
+        """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate.
+        wx (..., 1): w_g . x, when the caller has it already (forward gets it from A's matmul)."""
         cfg = self.config
         if cfg.gate == "none":
             return None
         if cfg.gate == "static":
             g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
+        elif wx is not None:
+            g = torch.sigmoid(wx + self.gate.bias)                       # (..., 1)
         else:
             xg = self.dropout(x) if cfg.gate_on_dropout else x
             xg = xg.detach() if cfg.gate_detach_input else xg
@@ -222,16 +257,23 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x):  # x: (..., in)
         cfg, A, B = self.config, self.lora_A, self.lora_B
-        g = self.gate_value(x)                                           # (..., 1) or None
+        # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
+        # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
+        # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
+        # fresh matrix that a matmul can add into in place (add_linear); in-place ops on views are costly.
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
+        # When a LoRA/DoRA token gate reads the adapter's own input (no dropout, no detach), w_g is one
+        # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
+        fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
+        if fold:
+            hz = F.linear(x.to(A.dtype), torch.cat([A, self.gate.weight]))  # (N, r + 1)
+            g = self.gate_value(x.view(*lead, -1), wx=hz[:, -1:].view(*lead, 1))
+        else:
+            g = self.gate_value(x.view(*lead, -1))                      # (..., 1) or None
         if cfg.gate == "token":
             g = g.reshape(-1, 1)                                         # (N, 1) one value per token
         else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
             g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=A.dtype, device=A.device)
-        # The tokens as the rows of one (N, in) matrix: each output is then a fresh matrix that a
-        # matmul can add into in place (add_linear); autograd makes in-place ops on views costly.
-        # The fast paths below are derived in the docstrings of add_linear, HiRAMerged, HiRAGated and
-        # DoRARescale; test_gatera.py checks them against the plain formulas and autograd.
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
         if cfg.method == "hira":
             if cfg.gate != "token" and self.base.weight.dtype == A.dtype:
                 # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
@@ -241,21 +283,28 @@ class AdaptedLinear(nn.Module):
             else:
                 out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A)
             return out.view(*lead, -1)
-        y = self.base(x)                                                 # (N, out) W0 x + b, frozen
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
-        gs, xd = g * cfg.scale, self.dropout(x.to(A.dtype))
-        h = F.linear(xd, gs * A) if gs.dim() == 0 else F.linear(xd, A) * gs  # (N, r)
+        if cfg.gate == "token":
+            h = hz[:, :-1] if fold else F.linear(self.dropout(x.to(A.dtype)), A)  # (N, r) A drop(x)
+        else:
+            h = F.linear(self.dropout(x.to(A.dtype)), g * cfg.scale * A)  # (N, r) g s A drop(x)
         if cfg.method == "lora":
-            return add_linear(y, h, B).view(*lead, -1)                  # y + g s B A drop(x)
-        # DoRA: y + g (m/n - 1) W0x + (m/n) B (g s A x), W0 x = y - b (no second matmul with W0), and
-        # m/n scales the rows of B (out, r), not the output. n is a constant for autograd.
-        with torch.no_grad():
-            n = row_norm(torch.addmm(self.base.weight.to(A.dtype), B, A, alpha=cfg.scale))  # (out,)
-        m_over_n = self.magnitude / n                                    # (out,)
-        bias = None if self.base.bias is None else self.base.bias.to(A.dtype)
-        out = DoRARescale.apply(y.to(A.dtype), bias, g, m_over_n - 1)   # (N, out)
-        return add_linear(out, h, m_over_n[:, None] * B).to(y.dtype).view(*lead, -1)
+            out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
+        else:
+            # DoRA: (1 + g (m/n - 1)) W0 x + b + (m/n) B (g s A x): m/n scales the rows of B (out, r),
+            # not the output. n is a constant for autograd.
+            with torch.no_grad():
+                n = row_norm(torch.addmm(self.base.weight.to(A.dtype), B, A, alpha=cfg.scale))  # (out,)
+            m_over_n = self.magnitude / n                                # (out,)
+            bias = None if self.base.bias is None else self.base.bias.to(A.dtype)
+            out = DoRAScaledBase.apply(x, self.base.weight, bias, g, m_over_n - 1)  # (N, out)
+            B_out = m_over_n[:, None] * B                                # (out, r)
+        if cfg.gate == "token":
+            out = LowRankTokenGated.apply(out, h, g, B_out, cfg.scale)
+        else:
+            out = add_linear(out, h, B_out)
+        return out.to(x.dtype).view(*lead, -1)
 
     def extra_repr(self):
         c = self.config

@@ -211,15 +211,18 @@ def test_at_init_the_gate_gets_no_task_gradient_while_b_already_gets_a_gated_one
 
 
 def test_entropy_gradient_is_minus_g_one_minus_g_times_z():
+    """dH/dz_t = -g (1 - g) z_t / T for each token's logit z_t = w_g . x_t + b_g, seen through the
+    gate's parameters: dH/db_g = sum_t dH/dz_t and dH/dw_g = sum_t dH/dz_t x_t."""
     layer = make_layer("lora", "token")
     x = torch.randn(T, IN, dtype=torch.float64)
-    z = {}
-    layer.gate.register_forward_hook(lambda mod, inp, out: z.update(z=out))
     layer(x)
-    z["z"].retain_grad()
     gate_entropy(layer).backward()                                  # H = mean over the T gate values
-    g = torch.sigmoid(z["z"]).detach()
-    torch.testing.assert_close(z["z"].grad, -g * (1 - g) * z["z"].detach() / T, rtol=1e-10, atol=1e-14)
+    with torch.no_grad():
+        z = x @ layer.gate.weight[0] + layer.gate.bias              # (T,)
+        g = torch.sigmoid(z)
+        dz = -g * (1 - g) * z / T
+    torch.testing.assert_close(layer.gate.bias.grad, dz.sum(0, keepdim=True), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(layer.gate.weight.grad, (dz @ x)[None], rtol=1e-10, atol=1e-14)
 
 
 def test_entropy_is_log2_at_one_half_zero_at_the_ends_and_excludes_padding():
@@ -1426,7 +1429,7 @@ def plain_formula(layer, x):
     cfg, W0, b = layer.config, layer.base.weight, layer.base.bias
     A, B, s = layer.lora_A, layer.lora_B, cfg.scale
     g = {"none": 1.0, "static": torch.sigmoid(layer.gate) if cfg.gate == "static" else None,
-         "token": torch.sigmoid(layer.gate(x)) if cfg.gate == "token" else None}[cfg.gate]
+         "token": torch.sigmoid(layer.gate(x.detach() if cfg.gate_detach_input else x)) if cfg.gate == "token" else None}[cfg.gate]
     if cfg.method == "lora":
         delta = s * x @ (B @ A).T
     elif cfg.method == "dora":
@@ -1440,9 +1443,9 @@ def plain_formula(layer, x):
 
 @pytest.mark.parametrize("method,gate,bias,x_grad", itertools.product(METHODS, GATES, (True, False), (True, False)))
 def test_the_fast_paths_give_the_plain_formulas_output_and_gradients(method, gate, bias, x_grad):
-    """add_linear, the gate on the r numbers of A x, HiRAMerged, HiRAGated and DoRARescale: the same
-    output and the same gradient for x (when it needs one) and every trainable tensor as the formula
-    without them."""
+    """add_linear, LowRankTokenGated, the gate on the r numbers of A x, HiRAMerged, HiRAGated and
+    DoRAScaledBase: the same output and the same gradient for x (when it needs one) and every
+    trainable tensor as the formula without them."""
     layer = make_layer(method, gate, bias=bias)
     x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=x_grad)
     dy = torch.randn(2, 3, OUT, dtype=torch.float64)
@@ -1451,6 +1454,19 @@ def test_the_fast_paths_give_the_plain_formulas_output_and_gradients(method, gat
     plain = torch.autograd.grad(plain_formula(layer, x), params, dy)
     torch.testing.assert_close(layer(x), plain_formula(layer, x), rtol=1e-12, atol=1e-12)
     for got, want in zip(fast, plain):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_token_gate_on_a_detached_input_matches_the_plain_formula(method):
+    """gate_detach_input: the gate cannot share A's matmul (forward's `fold`), so this checks the
+    other path: x gets no gradient through the gate, every parameter the formula's gradient."""
+    layer = make_layer(method, "token")
+    layer.config.gate_detach_input = True
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, OUT, dtype=torch.float64)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(layer(x), params, dy), torch.autograd.grad(plain_formula(layer, x), params, dy)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -1466,6 +1482,16 @@ def test_hira_keeps_neither_the_merged_weight_nor_the_update_for_the_backward(ga
     params = {p.data_ptr() for p in layer.parameters()}
     others = [tuple(t.shape) for t in saved if t.data_ptr() not in params]
     assert all(shape in ((), (OUT, RANK)) or shape[-1] in (IN, 1) for shape in others), others
+
+
+def test_lora_with_a_token_gate_keeps_a_single_rank_r_matrix_for_the_backward():
+    """Memory: LowRankTokenGated keeps A x (N, r) and g, not also the gated g s A x."""
+    layer = make_layer("lora", "token")
+    x = torch.randn(4, IN, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    assert [tuple(t.shape) for t in saved].count((4, RANK)) == 1
 
 
 def test_the_fast_paths_keep_a_bf16_base_in_bf16_and_the_adapter_in_fp32():
@@ -1485,7 +1511,7 @@ def test_the_flop_count_is_what_the_step_executes(row):
     a small GPT-2 runs. Two known differences: attention is left out on both sides (the counter does
     not see CPU flash attention); the floor leaves out HiRA's second B A in the backward (2 out r in
     per adapted layer, the price of not keeping W0 * BA) and the two reductions of DoRA with a token
-    gate that DoRARescale writes as matrix-vector products (4 N out). The counter gets a formula for
+    gate that DoRAScaledBase writes as matrix-vector products (4 N out). The counter gets a formula for
     the in-place addmm_ (add_linear), which it does not know."""
     config = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=100, block_size=32)
     B, T, r = 2, 16, 4
