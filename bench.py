@@ -224,13 +224,16 @@ def run_generation(args):
             idx = torch.cat([idx, model(idx, logits_at=-1).argmax(-1, keepdim=True)], dim=1)
         return idx
 
-    def tokens_per_s(generate):
-        generate(prompt[:, :8], 2)  # warm-up
-        sync(args.device)
-        t0 = time.perf_counter()
-        out = generate(prompt, args.new)
-        sync(args.device)
-        return args.new / (time.perf_counter() - t0), out[0, args.prompt:].tolist()
+    def tokens_per_s(generate, runs=3):  # the median of `runs` timed runs after a short warm-up
+        generate(prompt[:, :8], 2)
+        times = []
+        for _ in range(runs):
+            sync(args.device)
+            t0 = time.perf_counter()
+            out = generate(prompt, args.new)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+        return args.new / statistics.median(times), out[0, args.prompt:].tolist()
 
     cache, cache_ids = tokens_per_s(model.generate)
     recompute, recompute_ids = tokens_per_s(without_cache)

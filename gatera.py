@@ -141,9 +141,10 @@ class HiRAGated(torch.autograd.Function):
     The update is computed in the adapter's dtype (fp32 on a bf16 base) and added to y there."""
 
     @staticmethod
-    def forward(ctx, y, x, g, W0, B, A):
+    def forward(ctx, y, x, g, W0, B, A, delta_w=None):  # delta_w: W0 * B A, if the caller keeps it
         ctx.save_for_backward(x, g, W0, B, A)
-        update = F.linear(x.to(B.dtype), W0.to(B.dtype) * (B @ A))      # (N, out) Delta_W x
+        delta_w = W0.to(B.dtype) * (B @ A) if delta_w is None else delta_w  # (out, in)
+        update = F.linear(x.to(B.dtype), delta_w)                        # (N, out) Delta_W x
         return update.mul_(g).add_(y).to(y.dtype)                        # in place: no new (N, out) matrix
 
     @staticmethod
@@ -156,7 +157,7 @@ class HiRAGated(torch.autograd.Function):
             dx = (g * u).to(x.dtype) if ctx.needs_input_grad[1] else None
             dg = (u * xf).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[2] else None
         dM = W0f * (dzf.T @ (g * xf))                                    # (out, in)
-        return dz, dx, dg, None, dM @ A.T, B.T @ dM
+        return dz, dx, dg, None, dM @ A.T, B.T @ dM, None
 
 
 class DoRAScaledBase(torch.autograd.Function):
@@ -223,6 +224,7 @@ class AdaptedLinear(nn.Module):
         else:
             self.gate = None
         self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
+        self.inference_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
 
     def gate_value(self, x, wx=None):
         """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate.
@@ -255,6 +257,20 @@ class AdaptedLinear(nn.Module):
             return W0 + g * ((m_over_n - 1) * W0 + m_over_n * cfg.scale * BA)
         return W0 * (1 + g * BA)
 
+    def frozen_delta_w(self):
+        """HiRA's Delta_W = W0 * BA (out, in) while autograd is off (evaluation, generation), kept
+        between forwards so that decoding one token at a time does not rebuild it for every token;
+        rebuilt when W0, A or B is replaced or changed in place (an optimizer step, load_adapter),
+        which their storage and version counter tell. None (and nothing kept) while training."""
+        if torch.is_grad_enabled():
+            self.inference_delta_w = None
+            return None
+        W0, A, B = self.base.weight, self.lora_A, self.lora_B
+        key = [(t.data_ptr(), t._version) for t in (W0, A, B)]
+        if self.inference_delta_w is None or self.inference_delta_w[0] != key:
+            self.inference_delta_w = (key, W0.to(B.dtype) * (B @ A))
+        return self.inference_delta_w[1]
+
     def forward(self, x):  # x: (..., in)
         cfg, A, B = self.config, self.lora_A, self.lora_B
         # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
@@ -281,7 +297,7 @@ class AdaptedLinear(nn.Module):
                 # a small BA, so the update is then added as a separate fp32 term.
                 out = HiRAMerged.apply(x, self.base.weight, self.base.bias, g * B, A)
             else:
-                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A)
+                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A, self.frozen_delta_w())
             return out.view(*lead, -1)
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.

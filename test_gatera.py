@@ -1494,6 +1494,26 @@ def test_lora_with_a_token_gate_keeps_a_single_rank_r_matrix_for_the_backward():
     assert [tuple(t.shape) for t in saved].count((4, RANK)) == 1
 
 
+def test_hira_inference_keeps_delta_w_until_an_optimizer_step_or_a_load_changes_it():
+    """Without autograd a HiRA layer keeps W0 * BA between forwards (generation decodes one token
+    at a time); an optimizer step or an in-place copy (load_adapter) must make it rebuild it."""
+    layer = make_layer("hira", "token")
+    x = torch.randn(4, IN, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        kept = layer.inference_delta_w[1]
+        layer(x)
+    assert layer.inference_delta_w[1] is kept
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    layer(x).sum().backward()
+    assert layer.inference_delta_w is None                           # training keeps nothing
+    optimizer.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain_formula(layer, x), rtol=1e-12, atol=1e-12)
+        layer.lora_A.copy_(torch.randn_like(layer.lora_A))
+        torch.testing.assert_close(layer(x), plain_formula(layer, x), rtol=1e-12, atol=1e-12)
+
+
 def test_the_fast_paths_keep_a_bf16_base_in_bf16_and_the_adapter_in_fp32():
     for method, gate in itertools.product(METHODS, GATES):
         layer = make_layer(method, gate, dtype=torch.bfloat16)
