@@ -3,7 +3,7 @@ What each adapter and the gate cost: one training step (forward, backward, AdamW
 GPT-2-124M-shaped model with random weights, for the frozen base alone and for LoRA, DoRA and HiRA
 with gate none, static and token, beside the arithmetic floor of each; then KV-cache generation.
 
-    python bench.py                        # CPU fp32, batch 8 x 256 (about 25 min on 2 cores)
+    python bench.py                        # CPU fp32, batch 8 x 256 (about 40 min on 2 cores)
     python bench.py --quick                # a sanity run of every row on a 2-layer model
     python bench.py --device cuda          # bf16, with the achieved TFLOP/s and MFU
     python bench.py --profile hira/token   # torch.profiler's table of one step of one row
