@@ -267,7 +267,11 @@ def run_child(row):
     """Run `row` in a fresh process with this process's settings; its JSON result."""
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "bench.py"), *sys.argv[1:], "--child", row]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here)
+    # glibc hands every freed block above its mmap threshold (the logits, most activations) back to
+    # the kernel and page-faults it in again at the next step: about 20 % of a step on this CPU, and
+    # noisy. Every row runs with the allocator keeping its memory instead (only on glibc; settable).
+    env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench.py: row {row} failed (run `{' '.join(cmd)}` to see it alone):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
