@@ -167,6 +167,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """(seconds that fn() took, what it returned), the device's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
 def run_row(row, args):
     """Build `row` and run its steps: the first one measures the peak memory (weights, activations,
     gradients and optimizer state), the next args.warmup - 1 warm up, the last args.steps are timed.
@@ -185,13 +194,6 @@ def run_row(row, args):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return model, step
-
-    def timed(step):
-        sync(args.device)
-        t0 = time.perf_counter()
-        step()
-        sync(args.device)
-        return time.perf_counter() - t0
 
     idx = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
     targets = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
@@ -218,10 +220,10 @@ def run_row(row, args):
         base_step()
     times, base_times = [], []
     for _ in range(args.steps):
-        times.append(timed(step))
+        times.append(timed(step, args.device)[0])
         if base_step:
-            base_times.append(timed(base_step))
-    return dict(row=row, times_s=times, base_times_s=base_times or None, peak_mb=peak_mb,
+            base_times.append(timed(base_step, args.device)[0])
+    return dict(row=row, times_s=times, base_times_s=base_times, peak_mb=peak_mb,
                 flops=None if row.startswith("peft-") else
                 step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
 
@@ -242,14 +244,8 @@ def run_generation(args):
 
     def tokens_per_s(generate, runs=3):  # the median of `runs` timed runs after a short warm-up
         generate(prompt[:, :8], 2)
-        times = []
-        for _ in range(runs):
-            sync(args.device)
-            t0 = time.perf_counter()
-            out = generate(prompt, args.new)
-            sync(args.device)
-            times.append(time.perf_counter() - t0)
-        return args.new / statistics.median(times), out[0, args.prompt:].tolist()
+        times, outs = zip(*(timed(lambda: generate(prompt, args.new), args.device) for _ in range(runs)))
+        return args.new / statistics.median(times), outs[-1][0, args.prompt:].tolist()
 
     cache, cache_ids = tokens_per_s(model.generate)
     recompute, recompute_ids = tokens_per_s(without_cache)

@@ -164,12 +164,11 @@ class DoRAScaledBase(torch.autograd.Function):
     """(1 + g c) * (W0 x) + b: DoRA's frozen term, the base output of x (N, in) rescaled per output
     row by c = m/n - 1 (out,) and by the gate g: (N, 1), one value per token, or one value for all.
 
-    It keeps w = W0 x (N, out), which the gradient of c needs, and never forms W0 x + b or
-    c * W0 x as separate matrices. With one gate value the row scale k = 1 + g c moves into the
-    weight in the backward, so the input gradient is the base's one matmul and no pass over dz:
-        z = k * w + b,   dx = (dz * k) W0 = dz (k * W0)       (k * W0: out x in, not N x out)
-    With the loss gradient dz (N, out) and P = dz * w:
-        dc = sum_t g_t P_t,   dg_t = P_t . c   (summed over t for one value)."""
+    It keeps w = W0 x (N, out), which the gradient of c needs, and never forms W0 x + b as a
+    matrix of its own. With k = 1 + g c and the loss gradient dz (N, out), P = dz * w:
+        z = k * w + b,   dx = (dz * k) W0,   dc = sum_t g_t P_t,   dg_t = P_t . c.
+    With one gate value k is (out,): z is one pass over (N, out), dx = dz (k * W0) scales the
+    (out, in) weight instead of dz, and dc = g sum_t P_t, dg = (sum_t P_t) . c."""
 
     @staticmethod
     def forward(ctx, x, W0, bias, g, c):
@@ -224,7 +223,7 @@ class AdaptedLinear(nn.Module):
         else:
             self.gate = None
         self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
-        self.inference_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
+        self.kept_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
 
     def gate_value(self, x, wx=None):
         """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate.
@@ -257,19 +256,19 @@ class AdaptedLinear(nn.Module):
             return W0 + g * ((m_over_n - 1) * W0 + m_over_n * cfg.scale * BA)
         return W0 * (1 + g * BA)
 
-    def frozen_delta_w(self):
+    def inference_delta_w(self):
         """HiRA's Delta_W = W0 * BA (out, in) while autograd is off (evaluation, generation), kept
         between forwards so that decoding one token at a time does not rebuild it for every token;
         rebuilt when W0, A or B is replaced or changed in place (an optimizer step, load_adapter),
         which their storage and version counter tell. None (and nothing kept) while training."""
         if torch.is_grad_enabled():
-            self.inference_delta_w = None
+            self.kept_delta_w = None
             return None
         W0, A, B = self.base.weight, self.lora_A, self.lora_B
         key = [(t.data_ptr(), t._version) for t in (W0, A, B)]
-        if self.inference_delta_w is None or self.inference_delta_w[0] != key:
-            self.inference_delta_w = (key, W0.to(B.dtype) * (B @ A))
-        return self.inference_delta_w[1]
+        if self.kept_delta_w is None or self.kept_delta_w[0] != key:
+            self.kept_delta_w = (key, W0.to(B.dtype) * (B @ A))
+        return self.kept_delta_w[1]
 
     def forward(self, x):  # x: (..., in)
         cfg, A, B = self.config, self.lora_A, self.lora_B
@@ -277,15 +276,12 @@ class AdaptedLinear(nn.Module):
         # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
         # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
         # fresh matrix that a matmul can add into in place (add_linear); in-place ops on views are costly.
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
         # When a LoRA/DoRA token gate reads the adapter's own input (no dropout, no detach), w_g is one
         # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
         fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
-        if fold:
-            hz = F.linear(x.to(A.dtype), torch.cat([A, self.gate.weight]))  # (N, r + 1)
-            g = self.gate_value(x.view(*lead, -1), wx=hz[:, -1:].view(*lead, 1))
-        else:
-            g = self.gate_value(x.view(*lead, -1))                      # (..., 1) or None
+        hz = F.linear(x.to(A.dtype), torch.cat([A, self.gate.weight])) if fold else None  # (..., r + 1)
+        g = self.gate_value(x, wx=hz[..., -1:] if fold else None)       # (..., 1) or None
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
         if cfg.gate == "token":
             g = g.reshape(-1, 1)                                         # (N, 1) one value per token
         else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
@@ -297,12 +293,12 @@ class AdaptedLinear(nn.Module):
                 # a small BA, so the update is then added as a separate fp32 term.
                 out = HiRAMerged.apply(x, self.base.weight, self.base.bias, g * B, A)
             else:
-                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A, self.frozen_delta_w())
+                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A, self.inference_delta_w())
             return out.view(*lead, -1)
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
         if cfg.gate == "token":
-            h = hz[:, :-1] if fold else F.linear(self.dropout(x.to(A.dtype)), A)  # (N, r) A drop(x)
+            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(self.dropout(x.to(A.dtype)), A)  # (N, r) A drop(x)
         else:
             h = F.linear(self.dropout(x.to(A.dtype)), g * cfg.scale * A)  # (N, r) g s A drop(x)
         if cfg.method == "lora":

@@ -1501,12 +1501,12 @@ def test_hira_inference_keeps_delta_w_until_an_optimizer_step_or_a_load_changes_
     x = torch.randn(4, IN, dtype=torch.float64)
     with torch.no_grad():
         layer(x)
-        kept = layer.inference_delta_w[1]
+        kept = layer.kept_delta_w[1]
         layer(x)
-    assert layer.inference_delta_w[1] is kept
+    assert layer.kept_delta_w[1] is kept
     optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1)
     layer(x).sum().backward()
-    assert layer.inference_delta_w is None                           # training keeps nothing
+    assert layer.kept_delta_w is None                                # training keeps nothing
     optimizer.step()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), plain_formula(layer, x), rtol=1e-12, atol=1e-12)
