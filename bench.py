@@ -47,7 +47,7 @@ from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
 
 OURS = ["base"] + [f"{m}/{g}" for m in ("lora", "dora", "hira") for g in ("none", "static", "token")]
-PEFT = ["peft-lora", "peft-dora", "peft-hira"]
+PEFT = ["hf-base", "peft-lora", "peft-dora", "peft-hira"]  # hf-base: transformers' GPT-2 frozen, the PEFT rows' base
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
@@ -67,7 +67,7 @@ parser.add_argument("--rows", default=None, help="comma-separated subset of: " +
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
 parser.add_argument("--out", default="bench.json")
 parser.add_argument("--quick", action="store_true", help="sanity run: 2 layers, batch 2 x 64, 1 timed step")
-parser.add_argument("--profile", default=None, metavar="ROW", help="print torch.profiler's table of one step")
+parser.add_argument("--profile", default=None, metavar="ROW", help="print torch.profiler's table of one step after the warm-up")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one row here, print its JSON
 
 
@@ -123,19 +123,21 @@ def step_flops(row, c, B, T, r, hira_merges=True):
 def build(row, args):
     """The model of `row`, its trainable parameters and a function idx -> logits."""
     torch.manual_seed(0)
-    if row.startswith("peft-"):
+    if row in PEFT:
         from peft import HiraConfig, LoraConfig, get_peft_model
         from transformers import GPT2Config, GPT2LMHeadModel
         hf_config = GPT2Config(n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         hf = GPT2LMHeadModel._from_config(hf_config, attn_implementation="sdpa").to(args.device, args.dtype)
-        # GPT-2 fuses q, k and v into one Conv1D, c_attn: the same projections as our q, k, v_proj
+        # GPT-2 fuses q, k and v into one Conv1D, c_attn: PEFT adapts the three with one rank-r adapter,
+        # r (C + 3C) multiply-adds per token, where ours are three, 3 r (C + C): an eighth fewer adapter FLOPs
         common = dict(r=args.rank, target_modules=["c_attn", "c_fc", "mlp.c_proj"], fan_in_fan_out=True)
-        if row == "peft-hira":
-            peft_config = HiraConfig(**common, init_weights=False)
+        if row == "hf-base":
+            model = hf.requires_grad_(False)
+        elif row == "peft-hira":
+            model = get_peft_model(hf, HiraConfig(**common, init_weights=False))
         else:
-            peft_config = LoraConfig(**common, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                     use_dora=row == "peft-dora", init_lora_weights=False)
-        model = get_peft_model(hf, peft_config)
+            model = get_peft_model(hf, LoraConfig(**common, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                  use_dora=row == "peft-dora", init_lora_weights=False))
         model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
         return model, [p for p in model.parameters() if p.requires_grad], lambda idx: model(input_ids=idx).logits
     model = GPT(args.gpt).to(args.device, args.dtype).requires_grad_(False)
@@ -208,23 +210,26 @@ def run_row(row, args):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
         peak_mb = sum(weights.values()) / 2**20 + peak_allocated_mb(prof)
+    for _ in range(args.warmup - 1):
+        step()
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:
             step()
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=25))
         return None
-    base_step = None if row == "base" else make_step("base")[1]
-    for _ in range(args.warmup - 1):
-        step()
-    for _ in range(args.warmup if base_step else 0):
-        base_step()
-    times, base_times = [], []
+    partners = [] if row == "base" else ["base"] + ([row.removeprefix("peft-") + "/none"] if row.startswith("peft-") else [])
+    partner_steps = {p: make_step(p)[1] for p in partners}
+    for partner_step in partner_steps.values():
+        for _ in range(args.warmup):
+            partner_step()
+    times, partner_times = [], {p: [] for p in partners}
     for _ in range(args.steps):
         times.append(timed(step, args.device)[0])
-        if base_step:
-            base_times.append(timed(base_step, args.device)[0])
-    return dict(row=row, times_s=times, base_times_s=base_times, peak_mb=peak_mb,
-                flops=None if row.startswith("peft-") else
+        for p, partner_step in partner_steps.items():
+            partner_times[p].append(timed(partner_step, args.device)[0])
+    return dict(row=row, times_s=times, base_times_s=partner_times.get("base", []),
+                ours_times_s=partner_times[partners[-1]] if row.startswith("peft-") else None, peak_mb=peak_mb,
+                flops=None if row in PEFT else
                 step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
 
 
@@ -259,18 +264,19 @@ def run_generation(args):
 # the parent: one child process per row, then the table
 
 
-def run_child(row):
-    """Run `row` in a fresh process with this process's settings; its JSON result."""
+def run_child(row, capture=True):
+    """Run `row` in a fresh process with this process's settings; its JSON result (capture=True)."""
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "bench.py"), *sys.argv[1:], "--child", row]
     # glibc hands every freed block above its mmap threshold (the logits, most activations) back to
     # the kernel and page-faults it in again at the next step: about 20 % of a step on this CPU, and
     # noisy. Every row runs with the allocator keeping its memory instead (only on glibc; settable).
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), **os.environ}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=here, env=env)
+    proc = subprocess.run(cmd, capture_output=capture, text=True, cwd=here, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench.py: row {row} failed (run `{' '.join(cmd)}` to see it alone):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"bench.py: row {row} failed (run `{' '.join(cmd)}` to see it alone)"
+                           + (f":\n{proc.stderr[-3000:]}" if capture else ""))
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if capture else None
 
 
 def check(targets, label, value, limit, at_least=False):
@@ -282,11 +288,14 @@ def check(targets, label, value, limit, at_least=False):
 
 def main():
     args = parse_args()
+    if args.child and args.profile:
+        run_row(args.child, args)
+        return
     if args.child:
         print(json.dumps(run_generation(args) if args.child == "generate" else run_row(args.child, args)))
         return
     if args.profile:
-        run_row(args.profile, args)
+        run_child(args.profile, capture=False)
         return
     have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
     rows = OURS + (PEFT if have_peft else []) + ["generate"]
@@ -326,6 +335,10 @@ def main():
             r["excess"] = r["time_ratio"] / r["flop_ratio"]  # the cost beyond the arithmetic
         if base:
             r["mem_ratio"] = r["peak_mb"] / base["peak_mb"]
+    if "hf-base" in results:  # what PEFT's adapters cost over the model they wrap
+        for name in PEFT[1:]:
+            if name in results:
+                results[name]["time_over_hf_base"] = results[name]["time_ratio"] / results["hf-base"]["time_ratio"]
 
     columns = [("step ms", "median_s", 1e3, ".0f"), ("spread", "spread", 1, ".1%"), ("GFLOP", "gflop", 1, ".0f"),
                ("TFLOP/s", "tflops_per_s", 1, ".3f"), ("MFU", "mfu", 1, ".1%"), ("time/base", "time_ratio", 1, ".3f"),
@@ -337,9 +350,14 @@ def main():
         print(f"{name:12}" + "".join(format(r[key] * scale, fmt).rjust(11) if r.get(key) is not None else "-".rjust(11)
                                      for _, key, scale, fmt in columns))
     print("step ms: median of the timed steps; spread: (max - min) / median; time/base: median of (step / the\n"
-          "base step timed right after it, in the same process); excess: time/base over FLOPs/base;\n"
+          "base step timed right after it, in the same process; hf-base and PEFT rows too are over OUR base);\n"
+          "excess: time/base over FLOPs/base;\n"
           "peak MB: the most tensor memory live at once during a step (weights included), "
           + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "from torch.profiler's allocation events"))
+
+    if "hf-base" in results:
+        print("PEFT's rows over transformers' frozen GPT-2 (hf-base): " + ", ".join(
+            f"{name} {r['time_over_hf_base']:.3f}" for name, r in results.items() if "time_over_hf_base" in r))
 
     targets = []
     print("\ntargets:")
@@ -358,8 +376,10 @@ def main():
             check(targets, f"dora/{g} / lora/{g} time", results[f"dora/{g}"]["time_ratio"] / results[f"lora/{g}"]["time_ratio"], 1.15)
     for m, limit in (("lora", 0.90), ("dora", 0.90), ("hira", 1.0)):
         ours, theirs = results.get(f"{m}/none"), results.get(f"peft-{m}")
+        if theirs:  # the median of (our step / the PEFT step just before it), both timed in the PEFT row's process
+            check(targets, f"{m}/none time / PEFT {m}'s",
+                  statistics.median(o / t for o, t in zip(theirs["ours_times_s"], theirs["times_s"])), limit)
         if ours and theirs:
-            check(targets, f"{m}/none time / PEFT {m}'s", ours["time_ratio"] / theirs["time_ratio"], limit)
             check(targets, f"{m}/none peak memory / PEFT {m}'s", ours["peak_mb"] / theirs["peak_mb"], 1.0)
     if generation:
         generation["speedup"] = generation["cache_tokens_per_s"] / generation["no_cache_tokens_per_s"]
