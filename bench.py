@@ -2,11 +2,13 @@
 What each adapter and the gate cost: one training step (forward, backward, AdamW step) of a
 GPT-2-124M-shaped model with random weights, for the frozen base alone and for LoRA, DoRA and HiRA
 with gate none, static and token, beside the arithmetic floor of each; then KV-cache generation.
+With peft and transformers installed, also transformers' GPT-2 of the same shape, frozen (hf-base),
+and PEFT's LoRA, DoRA and HiRA on it, each timed beside our step of the same adapter.
 
-    python bench.py                        # CPU fp32, batch 8 x 256 (about 40 min on 2 cores)
+    python bench.py                        # CPU fp32, batch 8 x 256 (about 50 min on 2 cores)
     python bench.py --quick                # a sanity run of every row on a 2-layer model
     python bench.py --device cuda          # bf16, with the achieved TFLOP/s and MFU
-    python bench.py --profile hira/token   # torch.profiler's table of one step of one row
+    python bench.py --profile hira/token   # torch.profiler's table of one warm step of one row
 
 Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
 Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's targets),
