@@ -12,6 +12,7 @@ import base64
 import hashlib
 import http.client
 import json
+import lzma
 import os
 import re
 import sys
@@ -296,6 +297,7 @@ def _from_gguf(path):
 
 COMMIT = "816657208af4db747803f87ba40a4c71383fed7a"
 URL = f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}"  # env GATERA_DATA_URL overrides
+SHIPPED = Path(__file__).resolve().parent / "llm_adapters"  # files the repository ships, xz-compressed (PIQA)
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")  # social_i_qa offers 3, openbookqa 4, ARC 3 to 5
 LABELS = {  # task -> the labels its answers use (REFERENCE §6)
     "boolq": ("true", "false"),
@@ -404,7 +406,8 @@ def download(rel, file):
 
 def fetch(rel, data_dir=None):
     """The verified bytes of upstream file `rel` and the name of where they came from: from
-    data_dir if given (never downloads), else from the cache, downloading when absent or corrupt."""
+    data_dir if given (never downloads); else from the xz copy this repository ships (PIQA, see
+    llm_adapters/README.md); else from the cache, downloading when absent or corrupt."""
     if data_dir is not None:
         file = Path(data_dir) / rel
         if not file.is_file():
@@ -413,6 +416,15 @@ def fetch(rel, data_dir=None):
         data = file.read_bytes()
         check_blob(data, file, rel)  # a different file would silently change the benchmark
         return data, str(file)
+    shipped = SHIPPED / f"{rel}.xz"
+    if shipped.is_file():
+        restore = f"; restore it with `git checkout -- {shipped.relative_to(SHIPPED.parent)}`"
+        try:
+            data = lzma.decompress(shipped.read_bytes())
+        except lzma.LZMAError as e:
+            raise ValueError(f"{shipped}: not a complete xz file ({e}){restore}") from None
+        check_blob(data, shipped, rel, then=restore)
+        return data, str(shipped)
     file = cache_dir() / rel
     if file.is_file():
         data = file.read_bytes()
@@ -516,6 +528,85 @@ def label_choices(task, instruction):
 
 
 # -----------------------------------------------------------------------------
+# cloze: how small models are scored (lm-eval-harness's multiple-choice templates)
+#
+# A small model cannot map a question to a symbol ("the correct answer is solution2"), but it can
+# tell which of two texts is more likely. lm-eval-harness scores a multiple-choice question as a
+# cloze: each choice's text, after a short context, gets the log-likelihood of its tokens. The
+# LLM-Adapters instructions hold every field those templates need, so we parse them back out.
+
+PREFIXES = {  # the fixed start of each task's LLM-Adapters instruction
+    "boolq": "Please answer the following question with true or false, question: ",
+    "piqa": "Please choose the correct solution to the question: ",
+    "hellaswag": "Please choose the correct ending to complete the given sentence: ",
+    "winogrande": "Please choose the correct answer to fill in the blank to complete the given sentence: ",
+    "ARC-Easy": "Please choose the correct answer to the question: ",  # also ARC-Challenge, OBQA, Social IQa
+}
+MARKERS = {"piqa": "Solution", "hellaswag": "Ending", "winogrande": "Option"}  # before each choice; else "Answer"
+# lm-eval-harness's doc_to_text for each task (lm_eval/tasks/<task>/*.yaml); the continuation is " " + choice
+CONTEXTS = {"piqa": "Question: {}\nAnswer:", "ARC-Easy": "Question: {}\nAnswer:", "ARC-Challenge": "Question: {}\nAnswer:",
+            "openbookqa": "{}", "social_i_qa": "Q: {}\nA:", "hellaswag": "{}", "boolq": "Question: {}\nAnswer:"}
+
+
+def template_task(task, instruction):
+    """The task whose template an instruction follows: the task itself, or, in a training mix, the
+    task whose prefix the instruction starts with (Social IQa and OpenBookQA share ARC's)."""
+    if task not in MIXES:
+        return task
+    return next((t for t, p in PREFIXES.items() if instruction.startswith(p)), task)
+
+
+def parse_instruction(task, instruction):
+    """(question, [choice text per offered label]) of an LLM-Adapters instruction, e.g. for PIQA
+    "Please choose the correct solution to the question: {goal}\n\nSolution1: {sol1}\n\nSolution2:
+    {sol2}\n\nAnswer format: solution1/solution2" -> (goal, [sol1, sol2]). BoolQ has no choices.
+    Raises ValueError when the instruction does not have its task's shape."""
+    task = template_task(task, instruction)
+    prefix, marker = PREFIXES.get(task, PREFIXES["ARC-Easy"]), MARKERS.get(task, "Answer")
+    m = re.search(r"Answer format: (\S+)$", instruction)
+    n = 0 if task == "boolq" or m is None else len(m.group(1).split("/"))
+    pattern = re.escape(prefix) + "(.*?)" + "".join(rf"\s+{marker}{k}: (.*?)" for k in range(1, n + 1))
+    match = re.fullmatch(pattern + r"\s+Answer format: \S+", instruction, re.S) if m else None
+    if match is None or not all(field.strip() for field in match.groups()):
+        raise ValueError(f"not a {task} instruction of LLM-Adapters (expected {prefix!r}, then the question, "
+                         f"{marker}1: ... and 'Answer format: ...'): {instruction[:200]!r}")
+    question, *choices = match.groups()
+    return question, choices
+
+
+def hellaswag_clean(text):
+    """lm-eval-harness's HellaSwag preprocess: the WikiHow part's [title]/[step] tags removed."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def cloze_choices(task, instruction):
+    """[(context, continuation)] for each offered choice, in label order: lm-eval-harness's zero-shot
+    cloze form (the log-likelihood of the continuation given the context is the choice's score).
+      PIQA, ARC       "Question: {question}\nAnswer:"   + " {choice}"
+      OpenBookQA      "{question_stem}"                 + " {choice}"
+      Social IQa      "Q: {context} {question}\nA:"     + " {answer}"
+      HellaSwag       "{activity}: {ctx}"               + " {ending}"     (both cleaned as lm-eval does)
+      BoolQ           "Question: {question}\nAnswer:"   + " yes" / " no"  (labels true / false)
+      WinoGrande      the sentence up to the blank with each option, + " {the rest of the sentence}"
+    lm-eval's BoolQ context starts with the passage, which the LLM-Adapters file does not have; its
+    questions already end in "?", which lm-eval's template adds. A mix uses each example's task's
+    template (see template_task)."""
+    question, choices = parse_instruction(task, instruction)
+    task = template_task(task, instruction)
+    if task == "boolq":
+        return [(CONTEXTS["boolq"].format(question), " yes"), (CONTEXTS["boolq"].format(question), " no")]
+    if task == "winogrande":
+        if question.count("_") != 1:
+            raise ValueError(f"a winogrande sentence has one blank '_', this has {question.count('_')}: {question!r}")
+        blank = question.index("_")
+        return [(question[:blank] + option, " " + question[blank + 1:].strip()) for option in choices]
+    if task == "hellaswag":
+        question, choices = hellaswag_clean(question), [hellaswag_clean(c) for c in choices]
+    return [(CONTEXTS[task].format(question), " " + choice) for choice in choices]
+
+
+# -----------------------------------------------------------------------------
 # tokenized examples and batches
 
 def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", bos=None):
@@ -541,14 +632,50 @@ def encode_example(tok, ex, cutoff=256, train_on_inputs=False, variant="eval", b
     return ids, labels
 
 
-def encode_examples(tok, examples, name="", cutoff=256, **kwargs):
-    """encode_example over a list, saying on stderr how many examples the cutoff cut short."""
-    out = [encode_example(tok, ex, cutoff=cutoff, **kwargs) for ex in examples]
-    cut = sum(ids[-1] != tok.eos_id for ids, _ in out)  # only a cut example lacks the EOS
+def encode_pair(tok, context, continuation, bos=None):
+    """(context ids, continuation ids) of a cloze request, split as lm-eval-harness does: whitespace
+    at the end of the context moves to the start of the continuation, context + continuation is
+    encoded as one text, and the continuation's ids are those after as many ids as the context
+    alone encodes to (BPE may merge across the boundary; the split follows the whole text).
+    bos: prepend BOS to the context (default: as the checkpoint's tokenizer does, tok.add_bos)."""
+    bos = tok.add_bos if bos is None else bos
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole, ctx = tok.encode(context + continuation, bos=bos), tok.encode(context, bos=bos)
+    return ctx, whole[len(ctx):]
+
+
+def gold_index(task, ex):
+    """Position of the example's answer among the labels its instruction offers."""
+    return list(label_choices(task, ex["instruction"])).index(ex["answer"])
+
+
+def encode_cloze(tok, context, continuation, cutoff=256, train_on_inputs=False):
+    """(ids, labels) of a cloze training example, the correct choice after its context: the loss is
+    on the continuation's tokens (all tokens with train_on_inputs), split as encode_pair does. No
+    EOS: a continuation is a piece of a sentence, and scoring never asks for one. At most cutoff ids."""
+    ctx, cont = encode_pair(tok, context, continuation)
+    ids = (ctx + cont)[:cutoff]
+    labels = list(ids) if train_on_inputs else ([-100] * len(ctx) + cont)[:cutoff]
+    return ids, labels
+
+
+def encode_examples(tok, task, examples, fmt="label", name="", cutoff=256, train_on_inputs=False, variant="eval"):
+    """Training (ids, labels) of every example: fmt "label" is encode_example (the LLM-Adapters
+    prompt and "the correct answer is X"), "cloze" encode_cloze of the correct choice. Says on
+    stderr how many examples the cutoff cut short."""
+    if fmt == "cloze":
+        out = [encode_cloze(tok, *cloze_choices(task, ex["instruction"])[gold_index(task, ex)], cutoff=cutoff,
+                            train_on_inputs=train_on_inputs) for ex in examples]
+        cut = sum(len(ids) == cutoff for ids, _ in out)
+    else:
+        out = [encode_example(tok, ex, cutoff=cutoff, train_on_inputs=train_on_inputs, variant=variant) for ex in examples]
+        cut = sum(ids[-1] != tok.eos_id for ids, _ in out)  # only a cut example lacks the EOS
     empty = sum(all(y == -100 for y in labels) for _, labels in out)
     if cut:
-        print(f"{name}: {cut} of {len(out)} examples reach the cutoff of {cutoff} tokens (no EOS), "
-              f"{empty} of them with no response token left (they add no loss)", file=sys.stderr)
+        print(f"{name}: {cut} of {len(out)} examples reach the cutoff of {cutoff} tokens, "
+              f"{empty} of them with no target token left (they add no loss)", file=sys.stderr)
     return out
 
 

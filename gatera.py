@@ -80,8 +80,8 @@ def row_norm(w):
 
 def add_linear(y, h, W):
     """y + h W^T, added into y in place: y must be a fresh (N, out) matrix that nothing else uses.
-    When the dtypes agree the matmul itself adds into y (a GEMM with beta = 1), saving a pass."""
-    return y.addmm_(h, W.T) if y.dtype == W.dtype else y.add_(F.linear(h, W).to(y.dtype))
+    The matmul itself adds into y (a GEMM with beta = 1), saving a pass."""
+    return y.addmm_(h, W.T)
 
 
 class LowRankTokenGated(torch.autograd.Function):
@@ -90,7 +90,8 @@ class LowRankTokenGated(torch.autograd.Function):
 
     Plain autograd would keep both h and g s h for the backward; this keeps h and g.
     With the loss gradient dz (N, out) and e = dz B (N, r):
-        dy = dz,   dh = g s e,   dg = s (e . h) per token,   dB = dz^T (g s h)."""
+        dy = dz,   dh = g s e,   dg = s (e . h) per token,   dB = dz^T (g s h).
+    Every tensor is in one dtype, the base's."""
 
     @staticmethod
     def forward(ctx, y, h, g, B, s):
@@ -102,9 +103,9 @@ class LowRankTokenGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         h, g, B = ctx.saved_tensors
-        gs, dzf = g * ctx.s, dz.to(B.dtype)
-        e = dzf @ B                                                      # (N, r)
-        return dz, e * gs, ctx.s * (e * h).sum(-1, keepdim=True), dzf.T @ (h * gs), None
+        gs = g * ctx.s
+        e = dz @ B                                                       # (N, r)
+        return dz, e * gs, ctx.s * (e * h).sum(-1, keepdim=True), dz.T @ (h * gs), None
 
 
 class HiRAMerged(torch.autograd.Function):
@@ -138,25 +139,24 @@ class HiRAGated(torch.autograd.Function):
     With the loss gradient dz (N, out) and u = dz Delta_W (N, in):
         dy = dz,   dx = g u,   dg = u . x (per token; = dz . Delta_W x),
         dDelta_W = dz^T (g x),   dM = W0 * dDelta_W,   dB = dM A^T,   dA = B^T dM.
-    The update is computed in the adapter's dtype (fp32 on a bf16 base) and added to y there."""
+    Every tensor is in one dtype, the base's (AdaptedLinear casts the adapter to it)."""
 
     @staticmethod
     def forward(ctx, y, x, g, W0, B, A, delta_w=None):  # delta_w: W0 * B A, if the caller keeps it
         ctx.save_for_backward(x, g, W0, B, A)
-        delta_w = W0.to(B.dtype) * (B @ A) if delta_w is None else delta_w  # (out, in)
-        update = F.linear(x.to(B.dtype), delta_w)                        # (N, out) Delta_W x
-        return update.mul_(g).add_(y).to(y.dtype)                        # in place: no new (N, out) matrix
+        delta_w = W0 * (B @ A) if delta_w is None else delta_w          # (out, in)
+        update = F.linear(x, delta_w)                                    # (N, out) Delta_W x
+        return update.mul_(g).add_(y)                                    # in place: no new (N, out) matrix
 
     @staticmethod
     def backward(ctx, dz):
         x, g, W0, B, A = ctx.saved_tensors
-        xf, dzf, W0f = x.to(B.dtype), dz.to(B.dtype), W0.to(B.dtype)
         dx = dg = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            u = dzf @ (W0f * (B @ A))                                    # (N, in)
-            dx = (g * u).to(x.dtype) if ctx.needs_input_grad[1] else None
-            dg = (u * xf).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[2] else None
-        dM = W0f * (dzf.T @ (g * xf))                                    # (out, in)
+            u = dz @ (W0 * (B @ A))                                      # (N, in)
+            dx = g * u if ctx.needs_input_grad[1] else None
+            dg = (u * x).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[2] else None
+        dM = W0 * (dz.T @ (g * x))                                       # (out, in)
         return dz, dx, dg, None, dM @ A.T, B.T @ dM, None
 
 
@@ -165,19 +165,18 @@ class DoRAScaledBase(torch.autograd.Function):
     row by c = m/n - 1 (out,) and by the gate g: (N, 1), one value per token, or one value for all.
 
     It keeps w = W0 x (N, out), which the gradient of c needs, and never forms W0 x + b as a
-    matrix of its own. With k = 1 + g c and the loss gradient dz (N, out), P = dz * w:
-        z = k * w + b,   dx = (dz * k) W0,   dc = sum_t g_t P_t,   dg_t = P_t . c.
-    With one gate value k is (out,): z is one pass over (N, out), dx = dz (k * W0) scales the
-    (out, in) weight instead of dz, and dc = g sum_t P_t, dg = (sum_t P_t) . c."""
+    matrix of its own. With the loss gradient dz (N, out) and P = dz * w:
+        z = w + (g c) * w + b,   dx = (dz + (g c) * dz) W0,   dc = sum_t g_t P_t,   dg_t = P_t . c.
+    (g c) * w is added to w, not w multiplied by 1 + g c: c is small (m/n stays near 1), and in
+    bf16 1 + g c would round to 1. With one gate value g c is (out,): z is one pass over (N, out)
+    (plus one for the bias), dx = dz (W0 + (g c) * W0) scales the (out, in) weight instead of dz,
+    and dc = g sum_t P_t, dg = (sum_t P_t) . c. Every tensor is in the base's dtype."""
 
     @staticmethod
     def forward(ctx, x, W0, bias, g, c):
-        w = F.linear(x, W0).to(c.dtype)                                  # (N, out) W0 x, in the adapter's dtype
+        w = F.linear(x, W0)                                              # (N, out) W0 x
         ctx.save_for_backward(w, W0, g, c)
-        if g.dim() == 0:
-            k = 1 + g * c                                                # (out,)
-            return w * k if bias is None else torch.addcmul(bias, w, k)  # one pass over (N, out)
-        z = torch.addcmul(w, g, w * c)                                   # (N, out) w + g (c w)
+        z = torch.addcmul(w, w, g * c) if g.dim() == 0 else torch.addcmul(w, g, w * c)  # (N, out) w + g c w
         return z if bias is None else z.add_(bias)
 
     @staticmethod
@@ -186,11 +185,11 @@ class DoRAScaledBase(torch.autograd.Function):
         dx = None
         if g.dim() == 0:
             if ctx.needs_input_grad[0]:
-                dx = dz.to(W0.dtype) @ ((1 + g * c)[:, None] * W0).to(W0.dtype)  # (N, in)
+                dx = dz @ torch.addcmul(W0, W0, (g * c)[:, None])        # (N, in)
             P = torch.linalg.vecdot(dz, w, dim=0)                        # (out,) sum over tokens of dz * w
             return dx, None, None, P @ c, g * P
         if ctx.needs_input_grad[0]:
-            dx = torch.addcmul(dz, g, dz * c).to(W0.dtype) @ W0          # (N, in) (dz * (1 + g c)) W0
+            dx = torch.addcmul(dz, g, dz * c) @ W0                       # (N, in) (dz + g c dz) W0
         P = dz * w                                                       # (N, out)
         return dx, None, None, P @ c[:, None], (g.T @ P)[0]
 
@@ -198,8 +197,12 @@ class DoRAScaledBase(torch.autograd.Function):
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
 
-    The adapter and gate are kept in fp32 (fp64 for an fp64 base, as the tests use) whatever the
-    base dtype: the input is cast up for the update and the update is cast back to the base dtype.
+    Mixed precision, as autocast would do it, but without recasting the frozen weights: the
+    adapter and gate parameters (and so their gradients and the optimizer state) are kept in fp32
+    (fp64 for an fp64 base, as the tests use), while every matmul runs in the base's dtype. On a
+    bf16 base the small (r, in) and (out, r) matrices are cast to bf16 in each forward, the (N, in)
+    activations never to fp32, so the update uses the CPU's or GPU's bf16 matrix units. What needs
+    fp32 stays fp32: the gate value g = sigmoid(z), the row norms of DoRA and the merged weights.
     """
 
     def __init__(self, base: nn.Linear, config: GateRAConfig):
@@ -226,19 +229,20 @@ class AdaptedLinear(nn.Module):
         self.kept_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
 
     def gate_value(self, x, wx=None):
-        """g(x) = sigmoid(z) -> (..., 1); records it (shape (...)) in self.last_gate. None: no gate.
-        wx (..., 1): w_g . x, when the caller has it already (forward gets it from A's matmul)."""
+        """g(x) = sigmoid(z) -> (..., 1), in the adapter's dtype; records it (shape (...)) in
+        self.last_gate. None: no gate. wx (..., 1): w_g . x, when the caller has it already (forward
+        gets it from A's matmul); else it is computed here, in x's dtype like every matmul."""
         cfg = self.config
         if cfg.gate == "none":
             return None
         if cfg.gate == "static":
             g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
-        elif wx is not None:
-            g = torch.sigmoid(wx + self.gate.bias)                       # (..., 1)
         else:
-            xg = self.dropout(x) if cfg.gate_on_dropout else x
-            xg = xg.detach() if cfg.gate_detach_input else xg
-            g = torch.sigmoid(self.gate(xg.to(self.lora_A.dtype)))  # (..., 1)
+            if wx is None:
+                xg = self.dropout(x) if cfg.gate_on_dropout else x
+                xg = xg.detach() if cfg.gate_detach_input else xg
+                wx = F.linear(xg, self.gate.weight.to(x.dtype))          # (..., 1) w_g . x
+            g = torch.sigmoid(wx.to(self.lora_A.dtype) + self.gate.bias)  # (..., 1)
         self.last_gate = g.squeeze(-1)
         return g
 
@@ -266,12 +270,14 @@ class AdaptedLinear(nn.Module):
             return None
         W0, A, B = self.base.weight, self.lora_A, self.lora_B
         key = [(t.data_ptr(), t._version) for t in (W0, A, B)]
-        if self.kept_delta_w is None or self.kept_delta_w[0] != key:
-            self.kept_delta_w = (key, W0.to(B.dtype) * (B @ A))
+        if self.kept_delta_w is None or self.kept_delta_w[0] != key:  # in the base's dtype, as the forward uses it
+            self.kept_delta_w = (key, W0 * (B.to(W0.dtype) @ A.to(W0.dtype)))
         return self.kept_delta_w[1]
 
-    def forward(self, x):  # x: (..., in)
-        cfg, A, B = self.config, self.lora_A, self.lora_B
+    def forward(self, x):  # x: (..., in), in the base's dtype
+        cfg, W0, bias = self.config, self.base.weight, self.base.bias
+        dt = W0.dtype  # every matmul runs in the base's dtype; the parameters stay in their own (see the class)
+        A, B = self.lora_A.to(dt), self.lora_B.to(dt)                   # (r, in), (out, r); no copy when dtypes agree
         # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
         # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
         # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
@@ -279,44 +285,44 @@ class AdaptedLinear(nn.Module):
         # When a LoRA/DoRA token gate reads the adapter's own input (no dropout, no detach), w_g is one
         # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
         fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
-        hz = F.linear(x.to(A.dtype), torch.cat([A, self.gate.weight])) if fold else None  # (..., r + 1)
+        hz = F.linear(x, torch.cat([self.lora_A, self.gate.weight]).to(dt)) if fold else None  # (..., r + 1)
         g = self.gate_value(x, wx=hz[..., -1:] if fold else None)       # (..., 1) or None
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
         if cfg.gate == "token":
             g = g.reshape(-1, 1)                                         # (N, 1) one value per token
         else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
-            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=A.dtype, device=A.device)
+            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=self.lora_A.dtype, device=W0.device)
         if cfg.method == "hira":
-            if cfg.gate != "token" and self.base.weight.dtype == A.dtype:
+            if cfg.gate != "token" and dt == self.lora_A.dtype:
                 # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
                 # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
-                # a small BA, so the update is then added as a separate fp32 term.
-                out = HiRAMerged.apply(x, self.base.weight, self.base.bias, g * B, A)
+                # a small BA, so the update is then added as a separate term.
+                out = HiRAMerged.apply(x, W0, bias, g * B, A)
             else:
-                out = HiRAGated.apply(self.base(x), x, g, self.base.weight, B, A, self.inference_delta_w())
+                out = HiRAGated.apply(self.base(x), x, g.to(dt), W0, B, A, self.inference_delta_w())
             return out.view(*lead, -1)
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
         if cfg.gate == "token":
-            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(self.dropout(x.to(A.dtype)), A)  # (N, r) A drop(x)
+            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(self.dropout(x), A)  # (N, r) A drop(x)
         else:
-            h = F.linear(self.dropout(x.to(A.dtype)), g * cfg.scale * A)  # (N, r) g s A drop(x)
+            h = F.linear(self.dropout(x), (g * cfg.scale * self.lora_A).to(dt))  # (N, r) g s A drop(x)
         if cfg.method == "lora":
             out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
         else:
             # DoRA: (1 + g (m/n - 1)) W0 x + b + (m/n) B (g s A x): m/n scales the rows of B (out, r),
-            # not the output. n is a constant for autograd.
+            # not the output. n is a constant for autograd, computed in fp32 (a bf16 W0 + sBA would
+            # round a small sBA away).
             with torch.no_grad():
-                n = row_norm(torch.addmm(self.base.weight.to(A.dtype), B, A, alpha=cfg.scale))  # (out,)
+                n = row_norm(torch.addmm(W0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=cfg.scale))  # (out,)
             m_over_n = self.magnitude / n                                # (out,)
-            bias = None if self.base.bias is None else self.base.bias.to(A.dtype)
-            out = DoRAScaledBase.apply(x, self.base.weight, bias, g, m_over_n - 1)  # (N, out)
-            B_out = m_over_n[:, None] * B                                # (out, r)
+            out = DoRAScaledBase.apply(x, W0, bias, g.to(dt), (m_over_n - 1).to(dt))  # (N, out)
+            B_out = (m_over_n[:, None] * self.lora_B).to(dt)             # (out, r)
         if cfg.gate == "token":
-            out = LowRankTokenGated.apply(out, h, g, B_out, cfg.scale)
+            out = LowRankTokenGated.apply(out, h, g.to(dt), B_out, cfg.scale)
         else:
             out = add_linear(out, h, B_out)
-        return out.to(x.dtype).view(*lead, -1)
+        return out.view(*lead, -1)
 
     def extra_repr(self):
         c = self.config

