@@ -1344,9 +1344,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work
     real_ce = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*a, **k):  # the 5th micro-batch (step 3) returns NaN
+    def poisoned(*a, **k):  # 4 calls time the training, then 2 a step: the 9th (step 3) returns NaN
         calls["n"] += 1
-        return real_ce(*a, **k) * (float("nan") if calls["n"] == 5 else 1.0)
+        return real_ce(*a, **k) * (float("nan") if calls["n"] == 9 else 1.0)
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
     with pytest.raises(SystemExit, match="not finite"):
         run_train(workdir, monkeypatch, tmp_path / "nan", "--max-steps", "6", "--ckpt-interval", "2")

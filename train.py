@@ -67,7 +67,7 @@ parser.add_argument("--train-on-inputs", action="store_true", help="loss on the 
 parser.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
                     help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
 parser.add_argument("--train-examples", type=int, default=None,
-                    help="random subset of the training set (0: all; default: all, CPU %d)" % 0)
+                    help="random subset of the training set (0: all; default: all, on a CPU 10000)")
 parser.add_argument("--eval-examples", type=int, default=None, help="random subset of the test set (default 0: all)")
 parser.add_argument("--eval", default="score", choices=["score", "generate"],
                     help="label format: score the labels' log-likelihood, or generate greedily and extract")
@@ -89,7 +89,7 @@ parser.add_argument("--grad-checkpointing", action="store_true", help="recompute
 
 # a CPU run with no budget flag (--train-examples, --epochs, --eval-examples) takes this budget:
 # about half an hour on 2 cores in bf16 (README); a GPU run takes the papers' (all examples, 3 epochs)
-CPU_BUDGET = {"train_examples": 0, "epochs": 1, "eval_examples": 0}
+CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 # -----------------------------------------------------------------------------
@@ -303,9 +303,61 @@ def main(argv=None):
         n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
         return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
 
+    def forward_backward(mb, n_targets, n_real):
+        """Forward and backward of micro-batch mb (example indices). Its loss is its share of the whole
+        batch's means: summed over its tokens, divided by the batch's counts (x world: DDP averages the
+        ranks' gradients). Returns (task loss sum, entropy sum, real tokens) and the gates on real tokens."""
+        ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
+        is_target = labels[:, 1:] != -100                                   # (B, T-1) -100: no loss
+        logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
+        targets = labels[:, 1:][is_target]                                  # (N,) those next tokens
+        task_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        entropy_sum = gate_entropy(raw_model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
+        loss = world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
+        if not torch.isfinite(loss):
+            sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
+                     f"is {ckpt_path}: lower --lr or check the data, then --resume")
+        loss.backward()
+        gates = [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(raw_model)
+                 if layer.last_gate is not None]
+        return torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates
+
+    def training_seconds():
+        """About how long the training takes: a forward and backward (no update) of median-length and of
+        90th-percentile-length examples is timed (each the second time: the first touches new memory),
+        which gives seconds = fixed + per_token * padded tokens for each micro-batch of an epoch.
+        RNG and gradients are left as they were."""
+        size = math.ceil(args.batch_size / args.grad_accum)
+
+        def tokens(mb):  # padded tokens of a micro-batch
+            return len(mb) * max(len(encoded[i][0]) for i in mb)
+
+        def timed(mb):
+            with torch.random.fork_rng():
+                for _ in range(2):
+                    t = time.time()
+                    forward_backward(mb, sum(y != -100 for i in mb for y in encoded[i][1][1:]) or 1,
+                                     sum(len(encoded[i][0]) for i in mb))
+                    t = time.time() - t
+            optimizer.zero_grad(set_to_none=True)
+            return t
+        by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        short, long = (by_length[int(q * len(encoded)):][:size] for q in (0.5, 0.9))
+        t_short, t_long = timed(short), timed(long)
+        per_token = max(t_long - t_short, 0) / max(tokens(long) - tokens(short), 1)
+        micro = [b[i:i + size] for b in batches_of_epoch(0) for i in range(0, len(b), size)]
+        epoch = sum(t_short + per_token * (tokens(mb) - tokens(short)) for mb in micro)
+        return epoch * total_steps / steps_per_epoch / world
+
     if step == 0:
+        train_s = training_seconds()
+        say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones), "
+            f"plus the evaluations")
         if master and not args.skip_eval_before:
+            t_eval = time.time()
             run_eval("before")
+            say(f"the evaluation took {hms(time.time() - t_eval)}: ETA of the whole run about "
+                f"{hms(train_s + time.time() - t_eval)}")
         save_checkpoint()
 
     # ---------------------------------------------------------------------
@@ -325,23 +377,11 @@ def main(argv=None):
         for m, mb in enumerate(micro):
             if not mb:
                 continue
-            ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
             if ddp:  # only the last micro-batch all-reduces the gradients
                 model.require_backward_grad_sync = m == len(micro) - 1
-            is_target = labels[:, 1:] != -100                               # (B, T-1) -100: no loss
-            logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
-            targets = labels[:, 1:][is_target]                              # (N,) those next tokens
-            task_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-            entropy_sum = gate_entropy(raw_model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
-            # this micro-batch's share of the global batch's means (x world: DDP averages the ranks' gradients)
-            loss = world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
-            if not torch.isfinite(loss):
-                sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
-                         f"is {ckpt_path}: lower --lr or check the data, then --resume")
-            loss.backward()
-            stats += torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()])
-            gates += [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(raw_model)
-                      if layer.last_gate is not None]
+            mb_stats, mb_gates = forward_backward(mb, n_targets, n_real)
+            stats += mb_stats
+            gates += mb_gates
         if ddp:
             torch.distributed.all_reduce(stats)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
