@@ -3,12 +3,15 @@ What each adapter and the gate cost: one training step (forward, backward, AdamW
 GPT-2-124M-shaped model with random weights, for the frozen base alone and for LoRA, DoRA and HiRA
 with gate none, static and token, beside the arithmetic floor of each; then KV-cache generation.
 With peft and transformers installed, also transformers' GPT-2 of the same shape, frozen (hf-base),
-and PEFT's LoRA, DoRA and HiRA on it, each timed beside our step of the same adapter.
+and PEFT's LoRA, DoRA and HiRA on it, each timed beside our step of the same adapter. Last, the
+frozen base stored in bf16 against fp32 (adapters fp32 both times) for SmolLM2-135M's shape and a
+cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes).
 
     python bench.py                        # CPU fp32, batch 8 x 256 (about 50 min on 2 cores)
     python bench.py --quick                # a sanity run of every row on a 2-layer model
     python bench.py --device cuda          # bf16, with the achieved TFLOP/s and MFU
     python bench.py --profile hira/token   # torch.profiler's table of one warm step of one row
+    python bench.py --rows smollm2-lora,smollm2-gatera   # bf16 base / fp32 base only (about 3 min)
 
 Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
 Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's targets),
@@ -50,6 +53,9 @@ from model import GPT, GPTConfig
 
 OURS = ["base"] + [f"{m}/{g}" for m in ("lora", "dora", "hira") for g in ("none", "static", "token")]
 PEFT = ["hf-base", "peft-lora", "peft-dora", "peft-hira"]  # hf-base: transformers' GPT-2 frozen, the PEFT rows' base
+DTYPES = ["smollm2-lora", "smollm2-gatera"]  # SmolLM2-135M's shape, a frozen base in fp32 against one in bf16
+SMOLLM2 = GPTConfig(arch="llama", vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                    mlp_hidden=1536, attn_bias=False, mlp_bias=False, rope_theta=100000.0)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
@@ -65,7 +71,7 @@ parser.add_argument("--prompt", type=int, default=128, help="generation: prompt 
 parser.add_argument("--new", type=int, default=64, help="generation: new tokens")
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PEFT + ["generate"]))
+parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PEFT + DTYPES + ["generate"]))
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
 parser.add_argument("--out", default="bench.json")
 parser.add_argument("--quick", action="store_true", help="sanity run: 2 layers, batch 2 x 64, 1 timed step")
@@ -237,6 +243,44 @@ def run_row(row, args):
                 step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
 
 
+def run_dtypes(row, args):
+    """One cloze-like training step (16 x 64 tokens, the loss on the last 32 of each row; forward,
+    backward, AdamW) of SmolLM2-135M's shape with random weights: LoRA (gate none) for smollm2-lora,
+    GateRA (HiRA, token gate) for smollm2-gatera, with the frozen base stored in fp32 and in bf16
+    (adapters in fp32 both times). Both are built in this process and timed by turns, so that bf16 /
+    fp32 is the median of ratios of steps taken seconds apart."""
+    config = GPTConfig(**{**vars(SMOLLM2), "n_layer": args.layers if args.quick else SMOLLM2.n_layer})
+    B, T = (2, 16) if args.quick else (16, 64)
+    idx = torch.randint(config.vocab_size, (B, T), device=args.device)
+    at = torch.zeros(B, T, dtype=torch.bool, device=args.device)
+    at[:, T // 2:-1] = True                                              # positions whose next token is a target
+    targets = idx[:, 1:][at[:, :-1]]
+    method, gate = ("lora", "none") if row == "smollm2-lora" else ("hira", "token")
+    steps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = GPT(config).to(args.device, dtype).requires_grad_(False)
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank))
+        with torch.no_grad():
+            for _, layer in adapted_layers(model):
+                layer.lora_B.normal_(std=0.01)  # a non-zero update, as after some training
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer):
+            F.cross_entropy(model(idx, logits_at=at).float(), targets).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        steps[dtype] = step
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {dtype: [] for dtype in steps}
+    for _ in range(args.steps):
+        for dtype, step in steps.items():
+            times[dtype].append(timed(step, args.device)[0])
+    return dict(row=row, fp32_times_s=times[torch.float32], bf16_times_s=times[torch.bfloat16], tokens=B * T)
+
+
 @torch.no_grad()
 def run_generation(args):
     """Greedy generation of args.new tokens after an args.prompt-token prompt, batch 1: model.generate
@@ -301,18 +345,19 @@ def main():
         run_row(args.child, args)
         return
     if args.child:
-        print(json.dumps(run_generation(args) if args.child == "generate" else run_row(args.child, args)))
+        run = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
+        print(json.dumps(run(args) if args.child == "generate" else run(args.child, args)))
         return
     if args.profile:
         run_child(args.profile, capture=False)
         return
     have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
-    rows = OURS + (PEFT if have_peft else []) + ["generate"]
+    rows = OURS + (PEFT if have_peft else []) + DTYPES + ["generate"]
     if args.rows:
         rows = args.rows.split(",")
-        unknown = set(rows) - set(OURS + PEFT + ["generate"])
+        unknown = set(rows) - set(OURS + PEFT + DTYPES + ["generate"])
         if unknown:
-            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(OURS + PEFT + ['generate'])}")
+            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(OURS + PEFT + DTYPES + ['generate'])}")
     print(f"GPT-2-124M shape with {args.layers} layers (768 wide, 12 heads, vocab 50257), batch {args.batch} x "
           f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
@@ -328,6 +373,7 @@ def main():
         print(f"  running {row} ...", file=sys.stderr, flush=True)
         results[row] = run_child(row)
     generation = results.pop("generate", None)
+    dtype_rows = {row: results.pop(row) for row in DTYPES if row in results}
     base = results.get("base")
     for r in results.values():
         r["median_s"] = statistics.median(r["times_s"])
@@ -387,6 +433,13 @@ def main():
             check(targets, f"{m}/none time / PEFT {m}'s", paired_ratio(theirs["ours_times_s"], theirs["times_s"]), limit)
         if ours and theirs:
             check(targets, f"{m}/none peak memory / PEFT {m}'s", ours["peak_mb"] / theirs["peak_mb"], 1.0)
+    for name, r in dtype_rows.items():
+        r["bf16_over_fp32"] = paired_ratio(r["bf16_times_s"], r["fp32_times_s"])
+        fp32_ms, bf16_ms = (1e3 * statistics.median(r[k]) for k in ("fp32_times_s", "bf16_times_s"))
+        print(f"\n{name}: SmolLM2-135M's shape, a training step of {r['tokens']} tokens: fp32 base {fp32_ms:.0f} ms "
+              f"({r['tokens'] / fp32_ms * 1e3:.0f} tok/s), bf16 base {bf16_ms:.0f} ms ({r['tokens'] / bf16_ms * 1e3:.0f} tok/s); "
+              f"bf16 / fp32 paired {r['bf16_over_fp32']:.3f}")
+        check(targets, f"{name}: bf16 step / fp32 step", r["bf16_over_fp32"], 0.5)
     if generation:
         generation["speedup"] = generation["cache_tokens_per_s"] / generation["no_cache_tokens_per_s"]
         print(f"\ngeneration, batch 1, {args.new} new tokens after a {args.prompt}-token prompt (frozen base):\n"
@@ -398,9 +451,8 @@ def main():
 
     settings = {k: v if isinstance(v, (int, float, str, type(None))) else str(v)
                 for k, v in vars(args).items() if k not in ("child", "profile", "gpt")}
-    report = dict(settings=settings,
-                  torch=torch.__version__, threads=torch.get_num_threads(), rows=results, generation=generation,
-                  targets=targets)
+    report = dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(), rows=results,
+                  dtypes=dtype_rows, generation=generation, targets=targets)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(report, f, indent=2)

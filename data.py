@@ -1,12 +1,15 @@
 """
 Data for GateRA: tokenizers, and the eight commonsense-reasoning tasks of LLM-Adapters (the
-benchmark of the DoRA, HiRA and GateRA papers) with their prompts, loss masks, batching and
-answer extraction.
+benchmark of the DoRA, HiRA and GateRA papers) in two forms: the papers' label format (their
+prompts, loss masks and answer extraction) and lm-eval-harness's cloze form (each choice's text
+after a short context), with batching for both.
 
 Every data file comes from the LLM-Adapters repository at one pinned commit and is checked
 against its git blob sha1 (what `git hash-object FILE` prints) before use, so every run reads
-the very same bytes. Offline: `load_task(..., data_dir=DIR)` with DIR in the upstream layout,
-e.g. DIR/dataset/piqa/test.json. `python data.py [DIR]` fetches (or checks) every file.
+the very same bytes. PIQA ships with this repository (llm_adapters/, xz-compressed), so the
+default run needs no network; the other tasks are downloaded once into a cache. Offline:
+`load_task(..., data_dir=DIR)` with DIR in the upstream layout, e.g. DIR/dataset/piqa/test.json.
+`python data.py [DIR]` fetches (or checks) every file.
 """
 import base64
 import hashlib

@@ -248,7 +248,8 @@ class AdaptedLinear(nn.Module):
 
     def merged_weight(self):
         """W = W0 + g Delta_W for gate none (g = 1) or static; a token gate depends on x and cannot merge.
-        LoRA: W0 + g s BA.   DoRA: W0 + g ((m/n - 1) W0 + (m/n) s BA).   HiRA: W0 * (1 + g BA)."""
+        LoRA: W0 + g s BA.   DoRA: W0 + g ((m/n - 1) W0 + (m/n) s BA).   HiRA: W0 * (1 + g BA).
+        Computed in the adapter's dtype (fp32, or fp64 for an fp64 base) whatever the base's."""
         cfg = self.config
         W0 = self.base.weight.to(self.lora_A.dtype)                      # (out, in)
         BA = self.lora_B @ self.lora_A                                   # (out, in)
@@ -379,8 +380,15 @@ def gate_entropy(model, mask=None):
 
 @torch.no_grad()
 def merge_gatera(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back; exact for gate
-    none or static. A token gate g(x) differs per token, so no single weight can represent it."""
+    """Fold every adapter into its base weight and put the plain nn.Linear back, for gate none or
+    static. A token gate g(x) differs per token, so no single weight can represent it.
+
+    What "exact" means depends on the base's dtype. The merged weight is computed in fp32 (fp64 for
+    an fp64 base) and rounded once to the base's dtype. For an fp32 or fp64 base the merged layer
+    equals the adapted one up to that dtype's rounding (1e-12 in fp64 in the tests). A bf16 base
+    cannot hold a small update exactly: each merged weight is the nearest bf16 number to the fp32
+    one, within 2^-8 of its value, the same rounding that storing any weight in bf16 costs (a small
+    update of a weight can round away entirely, where the unmerged layer adds it in its own matmul)."""
     layers = adapted_layers(model)
     for name, layer in layers:
         if layer.config.gate == "token":

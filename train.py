@@ -356,8 +356,8 @@ def main(argv=None):
         if master and not args.skip_eval_before:
             t_eval = time.time()
             run_eval("before")
-            say(f"the evaluation took {hms(time.time() - t_eval)}: ETA of the whole run about "
-                f"{hms(train_s + time.time() - t_eval)}")
+            say(f"the evaluation took {hms(time.time() - t_eval)}: the rest of the run, training and the same "
+                f"evaluation again, about {hms(train_s + time.time() - t_eval)}")
         save_checkpoint()
 
     # ---------------------------------------------------------------------
