@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from data import LABELS, MIXES, collate, encode_examples, load_task, load_tokenizer
-from evaluate import comparison, evaluate, hms, interval95, mcnemar, write_predictions
+from evaluate import comparison, evaluate, hms, interval95, mcnemar, read_predictions, write_predictions
 from gatera import (GateRAConfig, adapted_layers, adapter_state_dict, apply_gatera, atomic_write,
                     gate_entropy, load_adapter, save_adapter)
 from model import GPT
@@ -165,27 +165,17 @@ def main(argv=None):
     say = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); adapters, optimizer and loss in float32")
 
-    model = GPT.from_pretrained(args.model, dtype=dtype)
+    model = GPT.from_pretrained(args.model, dtype=dtype).to(device).requires_grad_(False)
     tok = load_tokenizer(args.model)
-    cfg = GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                       rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
-                       gate_init_bias=args.gate_init_bias, targets=args.targets)
-    model.requires_grad_(False)
+    model.gradient_checkpointing = args.grad_checkpointing
     if args.eval_only and args.adapter:
         cfg = load_adapter(model, args.adapter)
         args.method, args.rank, args.gate = cfg.method, cfg.rank, cfg.gate
     elif args.eval_only:
         args.method = args.gate = "none"  # the pretrained model alone: nothing is adapted
-    else:
-        apply_gatera(model, cfg)
-    model.to(device)
-    model.gradient_checkpointing = args.grad_checkpointing
-    raw_model = model  # model may become a DDP / compiled wrapper below; evaluation and saving use raw_model
-    n_adapter = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
     what = "no adapter" if args.method == "none" else f"{args.method} r={args.rank} gate={args.gate}"
-    say(f"{args.model}: {n_total / 1e6:.1f}M parameters, {n_adapter / 1e6:.3f}M trainable "
-        f"({100 * n_adapter / n_total:.3f}%) | {what} | {args.format} format")
+    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
+        f"{args.format} format")
 
     eval_tasks = [args.task] if args.task in LABELS else list(LABELS)
     tests = {}  # task -> [(index in its test file, example)]
@@ -201,7 +191,7 @@ def main(argv=None):
     def run_eval(when):
         results = {}
         for t, items in tests.items():
-            results[t], predictions[when, t] = evaluate(raw_model, tok, t, items, args.format, args.eval,
+            results[t], predictions[when, t] = evaluate(model, tok, t, items, args.format, args.eval,
                                                         args.eval_batch_size, device)
             write_predictions(os.path.join(args.out, when, t, "predictions.jsonl"), predictions[when, t])
         n = metrics["n_eval"]
@@ -225,6 +215,21 @@ def main(argv=None):
         metrics["wall_s"] = time.time() - t_start
         write_json(os.path.join(args.out, "metrics.json"), metrics)
         return metrics
+
+    # ---------------------------------------------------------------------
+    # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
+
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    eval_s = None
+    if master and not args.skip_eval_before and not (args.resume and os.path.exists(ckpt_path)):
+        run_eval("before")
+        eval_s = time.time() - t_start
+    apply_gatera(model, GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                     rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
+                                     gate_init_bias=args.gate_init_bias, targets=args.targets))
+    n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every)
+                          for every in (False, True))
+    say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
     # ---------------------------------------------------------------------
     # training data and schedule: step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch,
@@ -263,12 +268,12 @@ def main(argv=None):
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    step_model = model  # what the training steps call: maybe a DDP or compiled wrapper; the rest uses model
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        model = torch.compile(model)
+        step_model = torch.compile(step_model)
 
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
     step, log = 0, []
     if args.resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -276,7 +281,7 @@ def main(argv=None):
         changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
         if changed:
             sys.exit(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or another --out")
-        for k, v in adapter_state_dict(raw_model).items():
+        for k, v in adapter_state_dict(model).items():
             v.copy_(ckpt["adapter"][k])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"].cpu())
@@ -287,7 +292,7 @@ def main(argv=None):
 
     def save_checkpoint():
         if master:
-            state = {"step": step, "adapter": adapter_state_dict(raw_model), "optimizer": optimizer.state_dict(),
+            state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
                      "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
@@ -309,16 +314,16 @@ def main(argv=None):
         ranks' gradients). Returns (task loss sum, entropy sum, real tokens) and the gates on real tokens."""
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
         is_target = labels[:, 1:] != -100                                   # (B, T-1) -100: no loss
-        logits = model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
+        logits = step_model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
         targets = labels[:, 1:][is_target]                                  # (N,) those next tokens
         task_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
-        entropy_sum = gate_entropy(raw_model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
+        entropy_sum = gate_entropy(model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
         loss = world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
         if not torch.isfinite(loss):
             sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
                      f"is {ckpt_path}: lower --lr or check the data, then --resume")
         loss.backward()
-        gates = [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(raw_model)
+        gates = [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(model)
                  if layer.last_gate is not None]
         return torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates
 
@@ -351,13 +356,9 @@ def main(argv=None):
 
     if step == 0:
         train_s = training_seconds()
-        say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones), "
-            f"plus the evaluations")
-        if master and not args.skip_eval_before:
-            t_eval = time.time()
-            run_eval("before")
-            say(f"the evaluation took {hms(time.time() - t_eval)}: the rest of the run, training and the same "
-                f"evaluation again, about {hms(train_s + time.time() - t_eval)}")
+        say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones)" +
+            (f"; with the evaluation after it (as long as the one before, {hms(eval_s)}) about "
+             f"{hms(train_s + eval_s)} to go" if eval_s else ""))
         save_checkpoint()
 
     # ---------------------------------------------------------------------
@@ -365,7 +366,7 @@ def main(argv=None):
 
     say(f"training on {len(encoded)} examples: {total_steps} steps of {args.batch_size} examples, "
         f"{world} process(es), lr {args.lr:g}, entropy weight {args.entropy_weight:g}")
-    model.train()
+    step_model.train()
     t0, tokens_seen, step0 = time.time(), 0, step
     while step < total_steps:
         lr = lr_at(step)
@@ -378,7 +379,7 @@ def main(argv=None):
             if not mb:
                 continue
             if ddp:  # only the last micro-batch all-reduces the gradients
-                model.require_backward_grad_sync = m == len(micro) - 1
+                step_model.require_backward_grad_sync = m == len(micro) - 1
             mb_stats, mb_gates = forward_backward(mb, n_targets, n_real)
             stats += mb_stats
             gates += mb_gates
@@ -413,9 +414,13 @@ def main(argv=None):
 
     if master:
         run_eval("after")
-        save_adapter(raw_model, os.path.join(args.out, "adapter"))
-        for t in eval_tasks if ("before", eval_tasks[0]) in predictions else []:
-            before, after = predictions["before", t], predictions["after", t]
+        save_adapter(model, os.path.join(args.out, "adapter"))
+        for t in eval_tasks:  # after a --resume the evaluation before is on disk
+            before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
+            if ("before", t) not in predictions and not os.path.exists(before_file):
+                continue
+            before = predictions.get(("before", t)) or read_predictions(before_file)
+            after = predictions["after", t]
             say(f"\n{t}, {len(after)} test examples: before vs after training")
             for line in comparison([("before (zero-shot)", before), ("after", after)]):
                 say(line)
