@@ -131,33 +131,35 @@ class HiRAMerged(torch.autograd.Function):
 
 
 class HiRAGated(torch.autograd.Function):
-    """y + g * (Delta_W x), Delta_W = W0 * B A: the frozen output y (N, out) plus the HiRA update of
-    x (N, in), scaled by g: (N, 1), one value per token (a token gate), or one value for all.
+    """W0 x + b + g * (Delta_W x), Delta_W = W0 * B A: the frozen layer of x (N, in) and the HiRA update,
+    scaled by g: (N, 1), one value per token (a token gate), or one value for all.
 
-    Plain autograd would keep Delta_W (out, in) and the update Delta_W x (N, out) of every layer
-    for the backward; this keeps x and g and rebuilds Delta_W there (one rank-r product).
-    With the loss gradient dz (N, out) and u = dz Delta_W (N, in):
-        dy = dz,   dx = g u,   dg = u . x (per token; = dz . Delta_W x),
+    Two matmuls, W0 x and Delta_W x: a token gate cannot be folded into one weight, and in bf16 the
+    merged W0 * (1 + g BA) would round a small BA away. Plain autograd would keep Delta_W (out, in)
+    and the update Delta_W x (N, out) of every layer for the backward; this keeps x and g and rebuilds
+    Delta_W there (one rank-r product). With the loss gradient dz (N, out) and u = dz Delta_W (N, in):
+        dx = dz W0 + g u,   dg = u . x (per token; = dz . Delta_W x),
         dDelta_W = dz^T (g x),   dM = W0 * dDelta_W,   dB = dM A^T,   dA = B^T dM.
-    Every tensor is in one dtype, the base's (AdaptedLinear casts the adapter to it)."""
+    W0 and the bias are frozen: they get no gradient. Every tensor is in one dtype, the base's
+    (AdaptedLinear casts the adapter to it)."""
 
     @staticmethod
-    def forward(ctx, y, x, g, W0, B, A, delta_w=None):  # delta_w: W0 * B A, if the caller keeps it
+    def forward(ctx, x, g, W0, bias, B, A, delta_w=None):  # delta_w: W0 * B A, if the caller keeps it
         ctx.save_for_backward(x, g, W0, B, A)
         delta_w = W0 * (B @ A) if delta_w is None else delta_w          # (out, in)
-        update = F.linear(x, delta_w)                                    # (N, out) Delta_W x
-        return update.mul_(g).add_(y)                                    # in place: no new (N, out) matrix
+        return torch.addcmul(F.linear(x, W0, bias), g, F.linear(x, delta_w))  # (N, out) W0 x + b + g Delta_W x
 
     @staticmethod
     def backward(ctx, dz):
         x, g, W0, B, A = ctx.saved_tensors
         dx = dg = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             u = dz @ (W0 * (B @ A))                                      # (N, in)
-            dx = g * u if ctx.needs_input_grad[1] else None
-            dg = (u * x).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[2] else None
-        dM = W0 * (dz.T @ (g * x))                                       # (out, in)
-        return dz, dx, dg, None, dM @ A.T, B.T @ dM, None
+            dx = (dz @ W0).addcmul_(g, u) if ctx.needs_input_grad[0] else None  # (N, in) dz W0 + g u
+            dg = (u * x).sum(-1, keepdim=True).sum_to_size(g.shape) if ctx.needs_input_grad[1] else None
+        # dz^T (g x) = (g dz)^T x: the gate scales whichever of x (N, in) and dz (N, out) is smaller
+        dM = W0 * (dz.T @ (g * x) if x.shape[1] <= dz.shape[1] else (g * dz).T @ x)  # (out, in)
+        return dx, dg, None, None, dM @ A.T, B.T @ dM, None
 
 
 class DoRAScaledBase(torch.autograd.Function):
@@ -300,7 +302,7 @@ class AdaptedLinear(nn.Module):
                 # a small BA, so the update is then added as a separate term.
                 out = HiRAMerged.apply(x, W0, bias, g * B, A)
             else:
-                out = HiRAGated.apply(self.base(x), x, g.to(dt), W0, B, A, self.inference_delta_w())
+                out = HiRAGated.apply(x, g.to(dt), W0, bias, B, A, self.inference_delta_w())
             return out.view(*lead, -1)
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.

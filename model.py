@@ -151,7 +151,8 @@ class CausalSelfAttention(nn.Module):
         repeat = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, nh, Tk, hd)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            # PyTorch's CPU attention backward runs 2-3x slower in bf16 than in fp32 (bench.py --rows attention)
+            # PyTorch's CPU attention backward runs 2-3x slower in bf16 than in fp32 (measured on 2 cores, one
+            # layer of SmolLM2, 16 x 48 tokens: 14.5 ms forward and backward in bf16, 4.7 ms in fp32)
             q, k, v = q.float(), k.float(), v.float()
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None).to(x.dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
