@@ -217,21 +217,6 @@ def main(argv=None):
         return metrics
 
     # ---------------------------------------------------------------------
-    # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
-
-    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
-    eval_s = None
-    if master and not args.skip_eval_before and not (args.resume and os.path.exists(ckpt_path)):
-        run_eval("before")
-        eval_s = time.time() - t_start
-    apply_gatera(model, GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                                     rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
-                                     gate_init_bias=args.gate_init_bias, targets=args.targets))
-    n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every)
-                          for every in (False, True))
-    say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
-
-    # ---------------------------------------------------------------------
     # training data and schedule: step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch,
     # so the order is a function of (seed, s) alone
 
@@ -245,7 +230,8 @@ def main(argv=None):
     if preset:
         say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
             f"{len(encoded)} of {len(train_set)} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
-            f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated before and after")
+            f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated "
+            f"{'after' if args.skip_eval_before else 'before and after'}")
 
     @functools.lru_cache(maxsize=1)
     def batches_of_epoch(epoch):
@@ -265,6 +251,22 @@ def main(argv=None):
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
         return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
+
+    # ---------------------------------------------------------------------
+    # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
+
+    ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "log.jsonl")
+    eval_s = None
+    if master and not args.skip_eval_before and not (args.resume and os.path.exists(ckpt_path)):
+        eval_s = time.time()
+        run_eval("before")
+        eval_s = time.time() - eval_s
+    apply_gatera(model, GateRAConfig(method=args.method, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                     rslora=args.rslora, gate=args.gate, gate_init_std=args.gate_init_std,
+                                     gate_init_bias=args.gate_init_bias, targets=args.targets))
+    n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every)
+                          for every in (False, True))
+    say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
