@@ -129,6 +129,12 @@ class Tokenizer:
             raise ValueError(f"token id {e.args[0]} is not in the vocabulary of {self.name}") from None
         return self.enc.decode(ranks)
 
+    def token_bytes(self, i):
+        """The bytes of one token id (a piece of a character, possibly: see visualize.piece_text)."""
+        if int(i) not in self._rank:
+            raise ValueError(f"token id {i} is not in the vocabulary of {self.name}")
+        return self.enc.decode_single_token_bytes(self._rank[int(i)])
+
 
 # -----------------------------------------------------------------------------
 # loaders

@@ -20,9 +20,11 @@ so that two runs can be compared item by item (McNemar's exact test):
 prints each file's accuracy with its 95 % interval and the test of each against the first file.
 """
 
+import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -48,12 +50,100 @@ def progress(what, done, total, t0):
           f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
 
 
-def record_gates(model, where, sums):
-    """Add the gates of the last forward at positions `where` (B, T) bool to sums = [total, count]."""
-    for _, layer in adapted_layers(model):
-        if layer.last_gate is not None:
-            sums[0] += layer.last_gate.float()[where].sum().item()
-            sums[1] += where.sum().item()
+KINDS = ("prefill", "scored", "decode")  # the prompt; a scored continuation (fed whole); generated, fed one by one
+
+
+class GateRecorder:
+    """Every gate value of an evaluation, by kind of position (KINDS), layer and module type.
+
+    After each forward, add() reads the gate g = sigmoid(z) that every gated layer kept of it
+    (AdaptedLinear.last_gate, (B, T)) at the positions the caller marks. Memory stays bounded
+    whatever the test set: for all positions only sums (layers x modules) and a 20-bin histogram
+    per kind; the full (tokens, layers, modules) gates only for the first `keep` examples (the
+    page of visualize.py). Padding and tokens after a generated EOS are never marked. A model
+    without gates records nothing; no recorder (evaluate's default) costs nothing."""
+
+    def __init__(self, model, keep=0):
+        gated = [(name, layer) for name, layer in adapted_layers(model) if layer.config.gate != "none"]
+        self.modules = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in gated))  # e.g. q_proj, ...
+        self.n_layer = model.config.n_layer
+        self.cells = [(int(re.search(r"\.h\.(\d+)\.", name)[1]) * len(self.modules)
+                       + self.modules.index(name.rsplit(".", 1)[-1]), layer) for name, layer in gated]
+        self.keep = keep
+        self.sums = torch.zeros(len(KINDS), self.n_layer, len(self.modules), dtype=torch.float64)
+        self.counts = [0] * len(KINDS)
+        self.hist = torch.zeros(len(KINDS), 20, dtype=torch.float64)  # bins of 0.05 on [0, 1]
+        self.kept = {}  # example number -> {"ids": [...], "kinds": [...], "gates": [(T, L, M) tensors]}
+
+    def gates(self):
+        """The gates of the last forward as one (L, M, B, T) tensor (NaN where a layer has no such module)."""
+        B, T = self.cells[0][1].last_gate.shape
+        grid = torch.full((self.n_layer * len(self.modules), B, T), float("nan"))
+        for cell, layer in self.cells:
+            grid[cell] = layer.last_gate.detach().float().cpu()
+        return grid.view(self.n_layer, len(self.modules), B, T)
+
+    def add(self, kinds, ids, keep=None):
+        """kinds (B, T): index into KINDS of each position of the last forward, -1 where not counted;
+        ids (B, T) its input tokens; keep {row b: example number} of the rows whose full gates to keep."""
+        if not self.cells:
+            return
+        g, kinds = self.gates(), kinds.cpu()                        # (L, M, B, T), (B, T)
+        for k in range(len(KINDS)):
+            v = g[:, :, kinds == k]                                  # (L, M, n) the gates at those positions
+            if v.shape[-1]:
+                self.sums[k] += v.nansum(-1)
+                self.counts[k] += v.shape[-1]
+                self.hist[k] += torch.histc(v[~v.isnan()], bins=20, min=0, max=1)
+        for b, n in (keep or {}).items():
+            if n < self.keep:
+                real = kinds[b] >= 0
+                ex = self.kept.setdefault(n, {"ids": [], "kinds": [], "gates": []})
+                ex["ids"] += ids[b].cpu()[real].tolist()
+                ex["kinds"] += [KINDS[k] for k in kinds[b][real].tolist()]
+                ex["gates"].append(g[:, :, b, real].permute(2, 0, 1))  # (T, L, M)
+
+    def on_step(self, keep=None):
+        """A callback for GPT.generate(on_step=...): its first forward reads the prompt (prefill),
+        each later one the token generated before it (decode)."""
+        steps = itertools.count()
+
+        def record(fed, real, nxt):
+            self.add(torch.where(real, 0 if next(steps) == 0 else 2, -1), fed, keep)
+        return record
+
+    def summary(self):
+        """Per kind of position: the mean gate, per layer, per module type and per (layer, module);
+        the share of gates below 0.1 and at or above 0.9; the histogram; the number of positions."""
+        out = {}
+        for k, kind in enumerate(KINDS):
+            if self.counts[k]:
+                mean = self.sums[k] / self.counts[k]                  # (L, M)
+                hist = self.hist[k]
+                out[kind] = {"mean": mean.nanmean().item(), "below_0.1": (hist[:2].sum() / hist.sum()).item(),
+                             "above_0.9": (hist[18:].sum() / hist.sum()).item(), "positions": self.counts[k],
+                             "per_layer": mean.nanmean(1).tolist(),
+                             "per_module": dict(zip(self.modules, mean.nanmean(0).tolist())),
+                             "per_layer_module": [[None if math.isnan(x) else x for x in row] for row in mean.tolist()],
+                             "histogram": [int(c) for c in hist.tolist()]}
+        return out
+
+
+def gate_report(summary, when):
+    """Lines for the end of the log: the gates on each kind of position, and the layers where the
+    prompt's gates differ most from the answer's (the paper: low on the prompt, open on the answer)."""
+    if not summary:
+        return []
+    lines = [f"gates {when} (mean | < 0.1 | >= 0.9 | positions):"]
+    lines += [f"  {kind:8s} {s['mean']:.3f} | {s['below_0.1']:6.1%} | {s['above_0.9']:6.1%} | {s['positions']:,}"
+              for kind, s in summary.items()]
+    answer = "decode" if "decode" in summary else "scored"
+    if "prefill" in summary and answer in summary:
+        pre, ans = summary["prefill"]["per_layer"], summary[answer]["per_layer"]
+        top = sorted(range(len(pre)), key=lambda i: -abs(pre[i] - ans[i]))[:3]
+        lines.append(f"  largest prefill - {answer} difference: " +
+                     ", ".join(f"layer {i} ({pre[i]:.3f} vs {ans[i]:.3f})" for i in top))
+    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -61,12 +151,13 @@ def record_gates(model, where, sums):
 
 
 @torch.no_grad()
-def score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sums):
+def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder=None):
     """One prediction per item [(index, example)]: the log-likelihood of every choice's continuation
     after its context, with the context and continuation tokenized as lm-eval does (encode_pair).
     Every (item, choice) is one row; the rows run longest first, batch_size at a time, right-padded,
     so that a batch holds rows of about one length. Adds the correct choices' NLL and token count to
-    loss_sums["answer"], and the gates on context and continuation tokens to gate_sums."""
+    loss_sums["answer"]; the recorder gets the gates on context (prefill) and continuation (scored)
+    tokens, and keeps in full those of the correct choice's row of its first examples."""
     rows = []  # (item number, context ids, continuation ids)
     requests = [cloze_choices(task, ex["instruction"]) for _, ex in items]
     for n, choices in enumerate(requests):
@@ -76,6 +167,8 @@ def score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sum
                 raise ValueError(f"{task}: the context {context!r} has no tokens; a cloze needs one to condition on")
             rows.append((n, ctx, cont))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][1]) - len(rows[i][2]))
+    first_row = [0] + list(itertools.accumulate(len(c) for c in requests))
+    golds = [rows[first_row[n] + gold_index(task, ex)] for n, (_, ex) in enumerate(items)]  # the correct rows
     scores = [0.0] * len(rows)
     t0 = time.time()
     for b, start in enumerate(range(0, len(order), batch_size)):
@@ -91,8 +184,11 @@ def score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sum
         sums = torch.zeros(len(batch), device=device).index_add_(0, row, logp)          # (B,)
         for i, s in zip(order[start:start + batch_size], sums.tolist()):
             scores[i] = s
-        record_gates(model, pos < first, gate_sums["prompt"])
-        record_gates(model, is_cont, gate_sums["answer"])
+        if recorder:
+            kinds = torch.where(pos < first, 0, torch.where(is_cont, 1, -1))            # (B, T) prefill, scored
+            gold = {b: rows[i][0] for b, i in enumerate(order[start:start + batch_size])
+                    if rows[i] is golds[rows[i][0]]}
+            recorder.add(kinds, ids, gold)
         if b % 20 == 19 or start + batch_size >= len(order):
             progress(f"eval {task}", min(start + batch_size, len(order)), len(order), t0)
     predictions, k = [], 0
@@ -121,14 +217,15 @@ def common_prefix(seqs):
 
 
 @torch.no_grad()
-def score_labels(model, tok, task, batch, device, gate_sums, loss_sums):
+def score_labels(model, tok, task, batch, device, loss_sums, recorder=None, offset=0):
     """Log-likelihood scoring of labels: each offered label's continuation ("the correct answer is
     <label>") gets score = sum of log p(its response tokens | prompt); the highest score is the answer.
     The prompt is shared by all labels of an example, so it runs once and its KV cache is reused
     for every label's few remaining tokens. Returns one prediction per (index, example) of batch;
     adds to loss_sums, for the correct continuations, the NLL and token count of their response
     tokens ("answer") and of the tokens that tell the labels apart ("label", e.g. "1" of
-    "solution1": the response minus the common format words)."""
+    "solution1": the response minus the common format words). The recorder gets the gates on the
+    prompt (prefill) and on the response tokens (scored); batch[b] is example number offset + b."""
     choices = []  # per example: [(label, ids, first response position)]
     for _, ex in batch:
         rows = []
@@ -145,7 +242,8 @@ def score_labels(model, tok, task, batch, device, gate_sums, loss_sums):
             device=device)[:, None]).long()                          # (B, Tc) left padding
     cache = [KVCache() for _ in model.transformer.h]
     first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
-    record_gates(model, mask.bool(), gate_sums["prompt"])
+    if recorder:
+        recorder.add(torch.where(mask.bool(), 0, -1), ids, {b: offset + b for b in range(len(batch))})
     scores = [[None] * len(rows) for rows in choices]
     for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
         tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
@@ -162,7 +260,12 @@ def score_labels(model, tok, task, batch, device, gate_sums, loss_sums):
         token_logp = logp.gather(-1, tail_ids[..., None])[..., 0] * response  # (B, T) log p of response tokens
         label = response & (torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)
                             >= torch.tensor(shared, device=device)[:, None])  # (B, T) past the shared words
-        record_gates(model, response, gate_sums["answer"])
+        if recorder:
+            real = torch.tensor([[j < len(t) and c < len(rows) for j in range(T)] for rows, t in zip(choices, tails)],
+                                device=device)                       # (B, T) not padding
+            recorder.add(torch.where(response, 1, torch.where(real, 0, -1)), tail_ids,
+                         {b: offset + b for b, (rows, (_, ex)) in enumerate(zip(choices, batch))
+                          if c < len(rows) and rows[c][0] == ex["answer"]})
         for b, (rows, (_, ex)) in enumerate(zip(choices, batch)):
             if c < len(rows):
                 scores[b][c] = token_logp[b].sum().item()
@@ -177,11 +280,13 @@ def score_labels(model, tok, task, batch, device, gate_sums, loss_sums):
 
 
 @torch.no_grad()
-def generate_labels(model, tok, task, batch, device):
+def generate_labels(model, tok, task, batch, device, recorder=None, offset=0):
     """Greedy generation (32 new tokens, batched with left padding) and the reference's extraction:
-    the first case-sensitive label match after "### Response:" ("" counts as wrong)."""
+    the first case-sensitive label match after "### Response:" ("" counts as wrong). The recorder
+    gets the gates on the prompt (prefill) and on each generated token fed back (decode)."""
     ids, mask = collate_prompts(tok, [ex["instruction"] for _, ex in batch])
-    out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id)
+    out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id,
+                         on_step=recorder and recorder.on_step({b: offset + b for b in range(len(batch))}))
     predictions = []
     for (index, ex), new in zip(batch, out[:, ids.shape[1]:].tolist()):
         text = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
@@ -191,34 +296,58 @@ def generate_labels(model, tok, task, batch, device):
     return predictions
 
 
+@torch.no_grad()
+def generate_text(model, tok, prompt, max_new_tokens, temperature, top_k, device, recorder=None):
+    """Continues prompt, printing the text as it comes (greedy at temperature 0); returns the new ids."""
+    ids = torch.tensor([tok.encode(prompt, bos=tok.add_bos)], device=device)       # (1, T)
+    new, shown = [], ""
+    print(prompt, end="", flush=True)
+
+    def step(fed, real, nxt):
+        nonlocal shown
+        if recorder:
+            record(fed, real, nxt)
+        new.append(nxt.item())
+        text = tok.decode(new[:-1] if new[-1] == tok.eos_id else new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a character split over tokens
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    record = recorder.on_step({0: 0}) if recorder else None
+    was_training = model.training
+    model.eval()
+    model.generate(ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_id, on_step=step)
+    model.train(was_training)
+    print(flush=True)
+    return new[:-1] if new and new[-1] == tok.eos_id else new
+
+
 # -----------------------------------------------------------------------------
 # one task
 
 
 @torch.no_grad()
-def evaluate(model, tok, task, items, fmt="cloze", mode="score", batch_size=16, device="cpu"):
+def evaluate(model, tok, task, items, fmt="cloze", mode="score", batch_size=16, device="cpu", recorder=None):
     """Scores items [(index in the task's test file, example)]; returns (summary, predictions).
     The summary: acc (and acc_norm in cloze format), the mean loss on the correct continuation's
-    tokens ("answer", and in label scoring on the label's own tokens, "label"), and the mean gate on
-    prompt vs answer tokens (the paper sees gates near 0 on the prompt)."""
+    tokens ("answer", and in label scoring on the label's own tokens, "label"), and with a
+    GateRecorder the gates on each kind of position (the paper sees them near 0 on the prompt)."""
     was_training = model.training
     model.eval()
     loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}  # [NLL, tokens]
-    gate_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}  # [sum of gates, count]
     if fmt == "cloze":
-        predictions = score_cloze(model, tok, task, items, batch_size, device, gate_sums, loss_sums)
+        predictions = score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder)
     else:
         predictions, t0 = [], time.time()
         for i in range(0, len(items), batch_size):
             batch = items[i:i + batch_size]
-            predictions += (generate_labels(model, tok, task, batch, device) if mode == "generate"
-                            else score_labels(model, tok, task, batch, device, gate_sums, loss_sums))
+            predictions += (generate_labels(model, tok, task, batch, device, recorder, i) if mode == "generate"
+                            else score_labels(model, tok, task, batch, device, loss_sums, recorder, i))
             if (i // batch_size) % 10 == 9 or i + batch_size >= len(items):
                 progress(f"eval {task}", min(i + batch_size, len(items)), len(items), t0)
     model.train(was_training)
     summary = {"acc": accuracy(predictions), "acc_norm": accuracy(predictions, "pred_norm") if fmt == "cloze" else None,
                **{f"{k}_loss": s / n if n else None for k, (s, n) in loss_sums.items()},
-               **{f"gate_{k}": s / n if n else None for k, (s, n) in gate_sums.items()}}
+               "gates": recorder.summary() if recorder else None}
     return summary, predictions
 
 

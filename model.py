@@ -268,19 +268,23 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab_size), or the positions asked for
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, mask=None, eos_id=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, mask=None, eos_id=None, on_step=None):
         """Continue idx (B, T) -> (B, T + n) token ids, n <= max_new_tokens.
 
         Greedy (argmax) when temperature == 0, else samples from softmax(logits / temperature) over the
-        top_k most likely tokens (all when None). mask (B, T) marks left padding as in forward. Rows that
-        emitted eos_id keep emitting it; generation stops early once every row has.
-        The first step feeds the whole prompt, each later step only the newest token: the KV cache
-        supplies the keys and values of all earlier positions."""
+        top_k most likely tokens (all when None; seed with torch.manual_seed). mask (B, T) marks left
+        padding as in forward. Rows that emitted eos_id keep emitting it; generation stops early once
+        every row has. The first step feeds the whole prompt, each later step only the newest token:
+        the KV cache supplies the keys and values of all earlier positions.
+        on_step(fed, real, nxt), if given, is called after every step: fed (B, t) the ids that step's
+        forward read, real (B, t) which of them are real tokens (not padding, not after an EOS), nxt
+        (B,) the tokens chosen. A caller can stream the text, or read what the forward left behind
+        (e.g. the gates of GateRA's layers, which belong to the fed tokens)."""
         B = idx.size(0)
         mask = torch.ones_like(idx) if mask is None else mask
         cache = [KVCache() for _ in self.transformer.h]
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        new = idx
+        new, real = idx, mask.bool()
         for _ in range(max_new_tokens):
             logits = self(new, mask=mask, cache=cache, logits_at=-1).float()  # (B, vocab_size)
             if temperature == 0:
@@ -293,6 +297,10 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)[:, 0]  # (B,)
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
+            if on_step is not None:
+                on_step(new, real, nxt)
+            real = ~done[:, None]  # (B, 1): nxt is a real token unless its row had ended before it
+            if eos_id is not None:
                 done |= nxt == eos_id
             new = nxt[:, None]  # (B, 1)
             idx = torch.cat([idx, new], dim=1)

@@ -1319,6 +1319,45 @@ def test_training_lowers_the_loss_and_writes_every_output(workdir, monkeypatch, 
     assert not [f for f in os.listdir(out) if ".tmp-" in f]  # atomic writes leave no temporary files
 
 
+def test_gates_are_logged_during_training_and_recorded_with_generation(workdir, monkeypatch, tmp_path):
+    out = tmp_path / "g"
+    m = run_train(workdir, monkeypatch, out, "--max-steps", "4", "--lr", "1e-2", "--format", "label", "--eval",
+                  "generate", "--eval-interval", "2", "--visualize", "2")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    during = [r for r in log if "eval" in r]
+    assert [r["step"] for r in during] == [2]  # every 2 steps, not at the end (the evaluation after is)
+    gates = during[0]["eval"]["piqa"]["gates"]
+    assert set(gates) == {"prefill", "decode"} and len(gates["decode"]["per_layer"]) == 2
+    steps = [r for r in log if "task_loss" in r]
+    assert all(0 < r["gate_prompt"] < 1 and 0 < r["gate_answer"] < 1 for r in steps)
+    after = m["eval_after"]["piqa"]["gates"]
+    assert after["prefill"]["positions"] > 0 and after["decode"]["positions"] > 0
+    assert sum(after["decode"]["histogram"]) == after["decode"]["positions"] * 2 * 5  # layers x modules
+    page = (out / "after" / "piqa" / "gates.html").read_text()
+    assert page.count('"kind": "decode"') > 0 and not (out / "before" / "piqa" / "gates.html").exists()  # no gates
+
+
+def test_generating_from_a_prompt_streams_the_greedy_continuation(workdir, monkeypatch, tmp_path, capsys):
+    model_dir, _, _ = workdir
+    run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "2", "--lr", "1e-2")
+    flags = ["--eval-only", "--adapter", str(tmp_path / "a" / "adapter"), "--prompt", "How do you keep bread fresh?",
+             "--max-new-tokens", "8", "--visualize", "1"]
+    capsys.readouterr()
+    got = run_train(workdir, monkeypatch, tmp_path / "p", *flags)
+    printed = capsys.readouterr().out
+    model, tok = GPT.from_pretrained(model_dir), data.load_tokenizer(model_dir)
+    load_adapter(model, tmp_path / "a" / "adapter")
+    prompt = tok.encode("How do you keep bread fresh?")
+    want = model.generate(torch.tensor([prompt]), 8, eos_id=tok.eos_id)[0, len(prompt):].tolist()
+    text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
+    assert got["generated"] == text and "\nHow do you keep bread fresh?" + text + "\n" in printed
+    assert got["gates"]["prefill"]["positions"] == len(prompt) and "decode" in got["gates"]
+    assert (tmp_path / "p" / "gates.html").exists()
+    sampled = [run_train(workdir, monkeypatch, tmp_path / "s", *flags, "--temperature", "1.5", "--top-k", "50",
+                         "--seed", str(seed))["generated"] for seed in (1, 1, 2)]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling
+
+
 def test_eval_only_with_the_saved_adapter_reproduces_the_accuracy_after(workdir, monkeypatch, tmp_path):
     m = run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "4", "--lr", "1e-2")
     again = run_train(workdir, monkeypatch, tmp_path / "b", "--eval-only", "--adapter", str(tmp_path / "a" / "adapter"))
@@ -1408,8 +1447,8 @@ def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
     batch = [piqa_example(*r) for r in PIQA[:5]]
     for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
         ex["answer"] = label  # vary which label is the correct one
-    gate_sums, loss_sums = {"prompt": [0.0, 0], "answer": [0.0, 0]}, {"answer": [0.0, 0], "label": [0.0, 0]}
-    predictions = evaluate.score_labels(model, tok, "piqa", list(enumerate(batch)), "cpu", gate_sums, loss_sums)
+    loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}
+    predictions = evaluate.score_labels(model, tok, "piqa", list(enumerate(batch)), "cpu", loss_sums)
     correct = sum(p["pred"] == p["gold"] for p in predictions)
     sums = {f"{k}_{part}": loss_sums[k][i] for k in ("answer", "label") for i, part in enumerate(("nll", "tokens"))}
     plain = {"correct": 0, "answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
@@ -1433,6 +1472,103 @@ def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
     assert 0 < plain["label_tokens"] < plain["answer_tokens"]
     assert sums["answer_nll"] == pytest.approx(plain["answer_nll"], rel=1e-5)
     assert sums["label_nll"] == pytest.approx(plain["label_nll"], rel=1e-5)
+
+
+# =============================================================================
+# recording the gates: every value, by position kind, layer and module (evaluate.GateRecorder)
+
+
+def gate_hooks(model):
+    """Every gate value, computed from each adapted layer's input by its gate module,
+    g = sigmoid(gate(x)), at every forward: {(layer, module): [(B, T) per forward]}."""
+    seen = {}
+    for name, layer in adapted_layers(model):
+        key = (int(name.split(".h.")[1].split(".")[0]), name.rsplit(".", 1)[-1])
+        layer.register_forward_hook(lambda m, inputs, out, key=key: seen.setdefault(key, []).append(
+            torch.sigmoid(m.gate(inputs[0]))[..., 0]))
+    return seen
+
+
+def test_recorded_gates_are_exactly_the_gate_modules_outputs(workdir):
+    model_dir, _, _ = workdir
+    tok, model = data.load_tokenizer(model_dir), GPT.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    apply_gatera(model, GateRAConfig(method="lora", rank=4, gate="token", gate_init_std=0.5,  # gate folded into A
+                                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    model.eval()
+    seen = gate_hooks(model)
+    recorder = evaluate.GateRecorder(model, keep=2)
+    items = [(i, piqa_example(*r)) for i, r in enumerate(PIQA[:3])]
+    summary, predictions = evaluate.evaluate(model, tok, "piqa", items, batch_size=4, recorder=recorder)
+    L, M = model.config.n_layer, len(recorder.modules)
+    assert (L, M) == (2, 7) and recorder.modules[0] == "q_proj"
+    rows = [(ctx, cont) for _, ex in items for ctx, cont in
+            (data.encode_pair(tok, *c) for c in data.cloze_choices("piqa", ex["instruction"]))]
+    want = {kind: torch.zeros(L, M, dtype=torch.float64) for kind in ("prefill", "scored")}
+    n_values = {kind: 0 for kind in want}
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]) - len(rows[i][1]))
+    for key, outs in seen.items():  # each forward's (B, T) gates, batch by batch in scoring order
+        l, m = key[0], recorder.modules.index(key[1])
+        for b, g in enumerate(outs):
+            for j, i in enumerate(order[4 * b:4 * b + 4]):
+                ctx, cont = rows[i]
+                want["prefill"][l, m] += g[j, :len(ctx)].sum()
+                want["scored"][l, m] += g[j, len(ctx):len(ctx) + len(cont)].sum()  # not the padding after it
+    n_values = {"prefill": sum(len(c) for c, _ in rows), "scored": sum(len(c) for _, c in rows)}
+    for kind in want:
+        s = summary["gates"][kind]
+        assert s["positions"] == n_values[kind] and sum(s["histogram"]) == n_values[kind] * L * M
+        torch.testing.assert_close(torch.tensor(s["per_layer_module"], dtype=torch.float64),
+                                   want[kind] / n_values[kind], rtol=1e-6, atol=1e-7)
+    assert sorted(recorder.kept) == [0, 1]  # the first two examples, their correct choice's row in full
+    for n, kept in recorder.kept.items():
+        ex = items[n][1]
+        ctx, cont = data.encode_pair(tok, *data.cloze_choices("piqa", ex["instruction"])[data.gold_index("piqa", ex)])
+        assert kept["ids"] == ctx + cont and kept["kinds"] == ["prefill"] * len(ctx) + ["scored"] * len(cont)
+        gates = torch.cat(kept["gates"])  # (T, L, M)
+        row = [i for i in order if rows[i] == (ctx, cont)][0]
+        b, j = order.index(row) // 4, order.index(row) % 4
+        for (l, module), outs in seen.items():
+            torch.testing.assert_close(gates[:, l, recorder.modules.index(module)], outs[b][j, :len(ctx) + len(cont)])
+
+
+def test_decode_gates_with_the_kv_cache_equal_the_same_tokens_gates_without_it():
+    """Generation feeds the prompt (prefill), then each new token alone with the KV cache (decode):
+    the gate of the first generated token is computed in the first decode step; it equals that token's
+    gate in one full forward over prompt + generated tokens, without a cache. Left padding and the
+    tokens after a row's EOS are not recorded."""
+    model = adapted_tiny(method="hira", gate="token", gate_init_std=0.5).eval()
+    prompt, mask = left_padded(torch.randint(0, 96, (2, 9)), [9, 5])
+    recorder = evaluate.GateRecorder(model, keep=2)
+    out = model.generate(prompt, 6, mask=mask, on_step=recorder.on_step({0: 0, 1: 1}))
+    full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)
+    model(out, mask=full_mask)  # no cache: every position at once
+    full = evaluate.GateRecorder(model).gates()  # (L, M, B, 9 + 6)
+    for b, n_prompt in enumerate([9, 5]):
+        kept = recorder.kept[b]
+        assert kept["kinds"] == ["prefill"] * n_prompt + ["decode"] * 5  # the 6th new token is never fed back
+        assert kept["ids"] == out[b, 9 - n_prompt:9 + 5].tolist()
+        gates = torch.cat(kept["gates"]).permute(1, 2, 0)  # (L, M, T)
+        torch.testing.assert_close(gates, full[:, :, b, 9 - n_prompt:9 + 5], rtol=1e-5, atol=1e-6)
+        first_decode = kept["gates"][1]  # the first decode step: (1, L, M)
+        torch.testing.assert_close(first_decode[0], full[:, :, b, 9], rtol=1e-5, atol=1e-6)
+    summary = recorder.summary()
+    assert summary["prefill"]["positions"] == 9 + 5 and summary["decode"]["positions"] == 2 * 5
+    eos = out[0, 10].item()  # row 0's second new token ends it; row 1 goes on (unless it emits it too)
+    recorder = evaluate.GateRecorder(model, keep=1)
+    out = model.generate(prompt, 6, mask=mask, eos_id=eos, on_step=recorder.on_step({0: 0}))
+    assert recorder.kept[0]["ids"][9:] == out[0, 9:11].tolist()  # its two tokens, EOS included, not the EOS after
+
+
+def test_a_model_without_gates_records_nothing_and_the_report_says_where_gates_differ():
+    recorder = evaluate.GateRecorder(adapted_tiny(method="lora", gate="none"))
+    recorder.add(torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long), {0: 0})
+    assert recorder.summary() == {} and recorder.kept == {} and evaluate.gate_report({}, "after") == []
+    summary = {"prefill": {"mean": 0.2, "below_0.1": 0.5, "above_0.9": 0.0, "positions": 10, "per_layer": [0.1, 0.2, 0.3]},
+               "decode": {"mean": 0.6, "below_0.1": 0.0, "above_0.9": 0.4, "positions": 4, "per_layer": [0.2, 0.9, 0.35]}}
+    lines = evaluate.gate_report(summary, "after training")
+    assert lines[1].split()[:2] == ["prefill", "0.200"] and "40.0%" in lines[2]
+    assert lines[3].endswith("layer 1 (0.200 vs 0.900), layer 0 (0.100 vs 0.200), layer 2 (0.300 vs 0.350)")
 
 
 # =============================================================================
@@ -1751,8 +1887,7 @@ def check_cloze_against_lm_eval(model, tok, reference, rtol):
         assert data.encode_pair(tok, r["context"], r["continuation"]) == (r["context_ids"], r["continuation_ids"])
     for task in dict.fromkeys(r["task"] for r in rows):
         task_rows = [r for r in rows if r["task"] == task]
-        predictions = evaluate.score_cloze(model, tok, task, cloze_items(task_rows), 3, "cpu",
-                                           {"prompt": [0.0, 0], "answer": [0.0, 0]}, {"answer": [0.0, 0]})
+        predictions = evaluate.score_cloze(model, tok, task, cloze_items(task_rows), 3, "cpu", {"answer": [0.0, 0]})
         for row, p in zip(task_rows, predictions):
             want = [by_request[r]["loglikelihood"] for r in lm_eval_order(row)]
             torch.testing.assert_close(torch.tensor(p["loglikelihoods"]), torch.tensor(want), rtol=rtol, atol=1e-4)

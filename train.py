@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from data import LABELS, MIXES, collate, encode_examples, load_task, load_tokenizer
-from evaluate import comparison, evaluate, hms, interval95, mcnemar, read_predictions, write_predictions
+from evaluate import (GateRecorder, comparison, evaluate, gate_report, generate_text, hms, interval95, mcnemar,
+                      read_predictions, write_predictions)
 from gatera import (GateRAConfig, adapted_layers, adapter_state_dict, apply_gatera, atomic_write,
                     gate_entropy, load_adapter, save_adapter)
 from model import GPT
+from visualize import gate_page, write_page
 
 # -----------------------------------------------------------------------------
 # flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16)
@@ -75,6 +77,14 @@ parser.add_argument("--eval-batch-size", type=int, default=16, help="sequences p
 parser.add_argument("--eval-only", action="store_true", help="evaluate --adapter (or the bare model), no training")
 parser.add_argument("--adapter", default=None, help="adapter folder to evaluate with --eval-only")
 parser.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (it equals zero-shot)")
+parser.add_argument("--eval-interval", type=int, default=0,
+                    help="also evaluate every N training steps: accuracy and gates into log.jsonl (0: never)")
+parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                    help="write gates.html: the gates of the first N test examples, token by token")
+parser.add_argument("--prompt", default=None, help="with --eval-only: generate from this text instead of evaluating")
+parser.add_argument("--max-new-tokens", type=int, default=64)
+parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampling, seeded by --seed")
+parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
 parser.add_argument("--seed", type=int, default=1337)
 parser.add_argument("--out", default="out", help="output folder")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
@@ -189,11 +199,24 @@ def main(argv=None):
     predictions = {}  # (when, task) -> predictions
 
     def run_eval(when):
+        """Scores every test task; writes <out>/<when>/<task>/predictions.jsonl (and gates.html with
+        --visualize) and puts accuracy and gates into metrics (a "during" evaluation: the log)."""
         results = {}
         for t, items in tests.items():
-            results[t], predictions[when, t] = evaluate(model, tok, t, items, args.format, args.eval,
-                                                        args.eval_batch_size, device)
-            write_predictions(os.path.join(args.out, when, t, "predictions.jsonl"), predictions[when, t])
+            recorder = GateRecorder(model, keep=args.visualize)
+            results[t], preds = evaluate(model, tok, t, items, args.format, args.eval, args.eval_batch_size,
+                                         device, recorder)
+            if when == "during":
+                continue
+            predictions[when, t] = preds
+            write_predictions(os.path.join(args.out, when, t, "predictions.jsonl"), preds)
+            if args.visualize and recorder.kept:
+                title = f"{args.model}, {what}, {t} ({args.format}), {when} training"
+                write_page(os.path.join(args.out, when, t, "gates.html"),
+                           gate_page(title, recorder, tok, [items[n][0] for n in sorted(recorder.kept)], preds))
+                say(f"wrote {os.path.join(args.out, when, t, 'gates.html')}")
+        if when == "during":
+            return results
         n = metrics["n_eval"]
         text = f"{when}:"
         for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
@@ -208,8 +231,21 @@ def main(argv=None):
             text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
         metrics[f"eval_{when}"] = results
         say(f"{text} ({n} examples)")
+        for t, r in results.items():
+            for line in gate_report(r["gates"], f"{when} training, {t}" if len(results) > 1 else f"{when} training"):
+                say(line)
 
     t_start = time.time()
+    if args.eval_only and args.prompt is not None:
+        recorder = GateRecorder(model, keep=1)
+        ids = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, device,
+                            recorder)
+        for line in gate_report(recorder.summary(), "while generating"):
+            print(line)
+        if args.visualize and recorder.kept:
+            write_page(os.path.join(args.out, "gates.html"), gate_page(f"{args.model}, {what}: generation", recorder, tok))
+            print(f"wrote {os.path.join(args.out, 'gates.html')}")
+        return {"generated": tok.decode(ids), "gates": recorder.summary()}
     if args.eval_only:
         run_eval("after")
         metrics["wall_s"] = time.time() - t_start
@@ -313,7 +349,8 @@ def main(argv=None):
     def forward_backward(mb, n_targets, n_real):
         """Forward and backward of micro-batch mb (example indices). Its loss is its share of the whole
         batch's means: summed over its tokens, divided by the batch's counts (x world: DDP averages the
-        ranks' gradients). Returns (task loss sum, entropy sum, real tokens) and the gates on real tokens."""
+        ranks' gradients). Returns (task loss sum, entropy sum, real tokens) and the gates on the prompt's
+        and on the answer's tokens (those with a target: the answer itself, teacher-forced)."""
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
         is_target = labels[:, 1:] != -100                                   # (B, T-1) -100: no loss
         logits = step_model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
@@ -325,8 +362,9 @@ def main(argv=None):
             sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
                      f"is {ckpt_path}: lower --lr or check the data, then --resume")
         loss.backward()
-        gates = [layer.last_gate.detach()[mask.bool()].float() for _, layer in adapted_layers(model)
-                 if layer.last_gate is not None]
+        answer = labels != -100                                             # (B, T) answer tokens
+        gates = [(layer.last_gate.detach()[mask.bool() & ~answer].float(), layer.last_gate.detach()[answer].float())
+                 for _, layer in adapted_layers(model) if layer.last_gate is not None]
         return torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates
 
     def training_seconds():
@@ -395,12 +433,14 @@ def main(argv=None):
 
         if step == 1 or step % args.log_interval == 0 or step == total_steps:
             task_loss, entropy = stats[0].item() / n_targets, stats[1].item() / n_real
-            g = torch.cat(gates) if gates else torch.zeros(0)
+            g = torch.cat([torch.cat(pair) for pair in gates]) if gates else torch.zeros(0)
             elapsed = time.time() - t0
             rec = {"step": step, "loss": task_loss + args.entropy_weight * entropy, "task_loss": task_loss,
                    "entropy": entropy, "gate_mean": g.mean().item() if len(g) else None,
                    "gate_below_0.1": (g < 0.1).float().mean().item() if len(g) else None,
                    "gate_above_0.9": (g > 0.9).float().mean().item() if len(g) else None,
+                   **{f"gate_{part}": torch.cat([pair[k] for pair in gates]).mean().item() if gates else None
+                      for k, part in enumerate(("prompt", "answer"))},
                    "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
             log.append(rec)
             eta = elapsed / (step - step0) * (total_steps - step)
@@ -408,6 +448,15 @@ def main(argv=None):
                         if len(g) else "")
             say(f"step {step}/{total_steps} | loss {rec['loss']:.4f} | task {task_loss:.4f} | H {entropy:.4f}{gate_txt} | "
                 f"lr {lr:.2e} | {rec['tokens_per_s']:.0f} tok/s | {hms(elapsed)} elapsed, ETA {hms(eta)}")
+        if master and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+            t_eval = time.time()
+            results = run_eval("during")
+            t0 += time.time() - t_eval  # the rates and the ETA count training alone
+            log.append({"step": step, "eval": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "gates": {
+                kind: {k: v for k, v in s.items() if k in ("mean", "below_0.1", "above_0.9", "per_layer")}
+                for kind, s in (r["gates"] or {}).items()}} for t, r in results.items()}})
+            say(f"step {step}: " + " | ".join(f"{t} acc {r['acc']:.4f}" + "".join(
+                f", gate {kind} {s['mean']:.3f}" for kind, s in (r["gates"] or {}).items()) for t, r in results.items()))
         if step % args.ckpt_interval == 0 or step == total_steps:
             save_checkpoint()
 
