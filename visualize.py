@@ -90,23 +90,23 @@ h1{font-size:1.2em;margin:.3em 0}h2{font-size:1.05em;margin:1.2em 0 .4em}
 .row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 .scroll{overflow-x:auto;max-width:100%}
 .example{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px 10px;margin:10px 0}
-.tokens{font-family:ui-monospace,monospace;font-size:14px;line-height:2}
+.tokens{font-family:ui-monospace,monospace;font-size:14px;line-height:2;overflow-wrap:anywhere}
 .tok{display:inline;padding:2px 1px;margin:0 1px;border-radius:3px;white-space:pre-wrap;cursor:pointer;
  border-bottom:3px solid transparent}
 .tok.answer{border-bottom:3px solid #d62728}
 .tok.nogate{background:#fff!important;color:#222!important;border:1px dashed #888}
 .tok:focus,.tok.sel{outline:2px solid #000;outline-offset:1px}
-.start{font:11px system-ui,sans-serif;color:#d62728;margin:0 2px}
+.start{font:11px system-ui,sans-serif;color:#d62728;margin:0 2px;white-space:nowrap}
 #panel{position:fixed;left:0;right:0;bottom:0;background:#fff;border-top:2px solid #444;padding:6px 14px;
  max-height:40vh;overflow:auto;font-size:13px;box-shadow:0 -2px 8px rgba(0,0,0,.15)}
 table{border-collapse:collapse}td,th{padding:1px 5px;text-align:right;font-size:12px}
-th{font-weight:600}.heat td{width:34px;height:18px;font-size:10px;text-align:center}
+th{font-weight:600}td.bc{text-align:left}.heat td{width:34px;height:18px;font-size:10px;text-align:center}
 .bar{display:inline-block;height:10px;vertical-align:middle}
 .legend{height:14px;width:260px;max-width:80vw;border:1px solid #888}
 select{font-size:14px;padding:2px}
 #errors{color:#b00;white-space:pre-wrap}
-.hist{position:relative;width:300px;max-width:85vw;height:140px;border-bottom:1px solid #333;background:#fff}
-.hbar{outline:1px solid rgba(0,0,0,.35)}.band{position:absolute;top:2px;left:2px;font-size:10px;color:#444}
+.hist{position:relative;margin-top:1.5em;width:300px;max-width:85vw;height:140px;border-bottom:1px solid #333;background:#fff}
+.hbar{outline:1px solid rgba(0,0,0,.35)}.band{position:absolute;top:-1.4em;left:2px;font-size:10px;color:#444;white-space:nowrap}
 .axis{position:relative;width:300px;max-width:85vw;height:1.3em;font-size:10px}
 .axis span{position:absolute;transform:translateX(-50%)}
 </style></head>
@@ -171,12 +171,14 @@ function detail(t) {
   head.appendChild(el("span", " | " + t.kind + " | tint " + fmt(value(t.gates)))); panel.appendChild(head);
   if (t.gates === null) { panel.appendChild(el("div", "no gate recorded: the last generated token is never fed back to the model")); return; }
   const table = el("table"), hr = el("tr");
-  ["layer", "mean", ""].concat(D.modules).forEach(h => hr.appendChild(el("th", h))); table.appendChild(hr);
+  ["layer", "mean", ""].concat(D.modules.map(m => m.replace("_proj", ""))).forEach(h => hr.appendChild(el("th", h))); table.appendChild(hr);
   t.gates.forEach((row, l) => {
     const tr = el("tr"), m = mean(row), bar = el("span", "", "bar");
     bar.style.width = Math.round(60 * (m || 0)) + "px"; bar.style.background = colour(m || 0);
-    tr.appendChild(el("td", String(l))); tr.appendChild(el("td", fmt(m))); const bc = el("td"); bc.appendChild(bar); tr.appendChild(bc);
-    row.forEach(g => tr.appendChild(el("td", fmt(g)))); table.appendChild(tr);
+    tr.appendChild(el("td", String(l))); tr.appendChild(el("td", fmt(m))); const bc = el("td", undefined, "bc"); bc.appendChild(bar); tr.appendChild(bc);
+    row.forEach(g => { const td = el("td", g === null ? "-" : g.toFixed(2)); if (g !== null) { td.style.background = colour(g); td.style.color = ink(g); }
+      tr.appendChild(td); });
+    table.appendChild(tr);
   });
   panel.appendChild(table);
 }
@@ -193,6 +195,7 @@ D.examples.forEach(ex => {
     const show = () => { cells.forEach(x => x[0].classList.remove("sel")); c.classList.add("sel"); detail(t); };
     c.addEventListener("mouseenter", show); c.addEventListener("focus", show); c.addEventListener("click", show);
     cells.push([c, t]); line.appendChild(c);
+    line.appendChild(document.createElement("wbr"));  // lines break between tokens (a \u2423 is no space)
   });
   div.appendChild(line); box.appendChild(div);
 });
