@@ -5,13 +5,16 @@ with gate none, static and token, beside the arithmetic floor of each; then KV-c
 With peft and transformers installed, also transformers' GPT-2 of the same shape, frozen (hf-base),
 and PEFT's LoRA, DoRA and HiRA on it, each timed beside our step of the same adapter. Last, the
 frozen base stored in bf16 against fp32 (adapters fp32 both times) for SmolLM2-135M's shape and a
-cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes).
+cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes). The plain-*
+rows run AdaptedLinear.forward_plain (the equations, plain autograd), each timed by turns with the
+fused default of the same adapter: what the fast paths save, in time and in peak memory.
 
     python bench.py                        # CPU fp32, batch 8 x 256 (about 50 min on 2 cores)
     python bench.py --quick                # a sanity run of every row on a 2-layer model
     python bench.py --device cuda          # bf16, with the achieved TFLOP/s and MFU
     python bench.py --profile hira/token   # torch.profiler's table of one warm step of one row
     python bench.py --rows smollm2-lora,smollm2-gatera   # bf16 base / fp32 base only (about 3 min)
+    python bench.py --rows base,plain-lora/token,plain-dora/token,plain-hira/token   # fused / plain
 
 Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
 Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's targets),
@@ -53,6 +56,7 @@ from model import GPT, GPTConfig
 
 OURS = ["base"] + [f"{m}/{g}" for m in ("lora", "dora", "hira") for g in ("none", "static", "token")]
 PEFT = ["hf-base", "peft-lora", "peft-dora", "peft-hira"]  # hf-base: transformers' GPT-2 frozen, the PEFT rows' base
+PLAIN = [f"plain-{m}/{g}" for m in ("lora", "dora", "hira") for g in ("none", "token")]  # forward_plain
 DTYPES = ["smollm2-lora", "smollm2-gatera"]  # SmolLM2-135M's shape, a frozen base in fp32 against one in bf16
 SMOLLM2 = GPTConfig(arch="llama", vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                     mlp_hidden=1536, attn_bias=False, mlp_bias=False, rope_theta=100000.0)
@@ -71,7 +75,7 @@ parser.add_argument("--prompt", type=int, default=128, help="generation: prompt 
 parser.add_argument("--new", type=int, default=64, help="generation: new tokens")
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PEFT + DTYPES + ["generate"]))
+parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PLAIN + PEFT + DTYPES + ["generate"]))
 parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
 parser.add_argument("--out", default="bench.json")
 parser.add_argument("--quick", action="store_true", help="sanity run: 2 layers, batch 2 x 64, 1 timed step")
@@ -150,8 +154,9 @@ def build(row, args):
         return model, [p for p in model.parameters() if p.requires_grad], lambda idx: model(input_ids=idx).logits
     model = GPT(args.gpt).to(args.device, args.dtype).requires_grad_(False)
     if row != "base":
-        method, gate = row.split("/")
-        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank))
+        method, gate = row.removeprefix("plain-").split("/")
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank,
+                                         fused=not row.startswith("plain-")))
         with torch.no_grad():
             for _, layer in adapted_layers(model):
                 layer.lora_B.normal_(std=0.01)  # a non-zero update, as after some training
@@ -226,7 +231,8 @@ def run_row(row, args):
         # by operator and autograd Function (e.g. DoRAScaledBaseBackward), each with what it calls
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
         return None
-    ours = row.removeprefix("peft-") + "/none" if row.startswith("peft-") else None  # our step of PEFT's adapter
+    ours = (row.removeprefix("peft-") + "/none" if row.startswith("peft-") else  # our step of PEFT's adapter
+            row.removeprefix("plain-") if row.startswith("plain-") else None)    # the fused step of a plain row
     partners = [] if row == "base" else ["base"] + ([ours] if ours else [])
     partner_steps = {p: make_step(p)[1] for p in partners}
     for partner_step in partner_steps.values():
@@ -239,7 +245,7 @@ def run_row(row, args):
             partner_times[p].append(timed(partner_step, args.device)[0])
     return dict(row=row, times_s=times, base_times_s=partner_times.get("base", []),
                 ours_times_s=partner_times.get(ours), peak_mb=peak_mb,
-                flops=None if row in PEFT else
+                flops=None if row in PEFT + PLAIN else
                 step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
 
 
@@ -352,12 +358,13 @@ def main():
         run_child(args.profile, capture=False)
         return
     have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
-    rows = OURS + (PEFT if have_peft else []) + DTYPES + ["generate"]
+    every = OURS + PLAIN + PEFT + DTYPES + ["generate"]
+    rows = [r for r in every if have_peft or r not in PEFT]
     if args.rows:
         rows = args.rows.split(",")
-        unknown = set(rows) - set(OURS + PEFT + DTYPES + ["generate"])
+        unknown = set(rows) - set(every)
         if unknown:
-            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(OURS + PEFT + DTYPES + ['generate'])}")
+            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(every)}")
     print(f"GPT-2-124M shape with {args.layers} layers (768 wide, 12 heads, vocab 50257), batch {args.batch} x "
           f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
@@ -408,6 +415,10 @@ def main():
           "peak MB: the most tensor memory live at once during a step (weights included), "
           + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "from torch.profiler's allocation events"))
 
+    plain = {name: paired_ratio(r["ours_times_s"], r["times_s"]) for name, r in results.items() if name in PLAIN}
+    if plain:
+        print("the fused step over the plain one (forward_plain, autograd), timed by turns: " +
+              ", ".join(f"{name.removeprefix('plain-')} {ratio:.3f}" for name, ratio in plain.items()))
     if "hf-base" in results:
         print("PEFT's rows over transformers' frozen GPT-2 (hf-base): " + ", ".join(
             f"{name} {r['time_over_hf_base']:.3f}" for name, r in results.items() if "time_over_hf_base" in r))

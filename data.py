@@ -308,7 +308,7 @@ COMMIT = "816657208af4db747803f87ba40a4c71383fed7a"
 URL = f"https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/{COMMIT}"  # env GATERA_DATA_URL overrides
 SHIPPED = Path(__file__).resolve().parent / "llm_adapters"  # files the repository ships, xz-compressed (PIQA)
 ANSWERS = ("answer1", "answer2", "answer3", "answer4", "answer5")  # social_i_qa offers 3, openbookqa 4, ARC 3 to 5
-LABELS = {  # task -> the labels its answers use (REFERENCE §6)
+LABELS = {  # task -> the labels its answers use (LLM-Adapters' commonsense_evaluate.py)
     "boolq": ("true", "false"),
     "piqa": ("solution1", "solution2"),
     "social_i_qa": ANSWERS,

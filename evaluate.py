@@ -250,9 +250,7 @@ def score_labels(model, tok, task, batch, device, loss_sums, recorder=None, offs
         T = max(map(len, tails))
         tail_ids = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in tails], device=device)  # (B, T)
         tail_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in tails], device=device)
-        forked = [KVCache() for _ in cache]  # update() concatenates into new tensors: the shared cache stays intact
-        for f, k in zip(forked, cache):
-            f.k, f.v = k.k, k.v
+        forked = [c.fork() for c in cache]  # each label extends the prompt's cache; the prompt's stays
         logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked).float()  # (B, T, V)
         logp = torch.cat([first[:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (B, T, V) predicts tail t
         response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]

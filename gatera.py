@@ -46,6 +46,7 @@ class GateRAConfig:
     gate_on_dropout: bool = False   # the gate reads dropout(x) instead of x
     gate_detach_input: bool = False  # no gradient flows from the gate back into x
     targets: tuple = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    fused: bool = True              # False: AdaptedLinear.forward_plain, the equations with plain autograd
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -77,6 +78,175 @@ def row_norm(w):
     that a zero row cannot divide by zero (flooring changes no other row, unlike adding an eps)."""
     return w.to(torch.promote_types(w.dtype, torch.float32)).norm(dim=1).clamp_min(1e-6)
 
+
+class AdaptedLinear(nn.Module):
+    """A frozen nn.Linear plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
+
+    Mixed precision, as autocast would do it, but without recasting the frozen weights: the
+    adapter and gate parameters (and so their gradients and the optimizer state) are kept in fp32
+    (fp64 for an fp64 base, as the tests use), while every matmul runs in the base's dtype. On a
+    bf16 base the small (r, in) and (out, r) matrices are cast to bf16 in each forward, the (N, in)
+    activations never to fp32, so the update uses the CPU's or GPU's bf16 matrix units. What needs
+    fp32 stays fp32: the gate value g = sigmoid(z), the row norms of DoRA and the merged weights.
+    """
+
+    def __init__(self, base: nn.Linear, config: GateRAConfig):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.config = config
+        out_features, in_features = base.weight.shape
+        kw = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
+        self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **kw))  # (r, in)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **kw))  # (out, r): Delta = 0 at init
+        if config.method == "dora":
+            self.magnitude = nn.Parameter(row_norm(base.weight).to(kw["dtype"]))  # (out,) m = ||W0||_row
+        self.dropout = nn.Dropout(config.dropout)
+        if config.gate == "token":
+            self.gate = nn.Linear(in_features, 1, **kw)  # z = w_g . x + b_g
+            nn.init.normal_(self.gate.weight, std=config.gate_init_std)
+            nn.init.constant_(self.gate.bias, config.gate_init_bias)
+        elif config.gate == "static":
+            self.gate = nn.Parameter(torch.tensor(config.gate_init_bias, **kw))  # one logit z
+        else:
+            self.gate = None
+        self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
+        self.kept_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
+
+    def gate_value(self, x, wx=None, x_dropped=None):
+        """g(x) = sigmoid(z) -> (..., 1), in the adapter's dtype; records it (shape (...)) in
+        self.last_gate. None: no gate. wx (..., 1): w_g . x, when the caller has it already (forward
+        gets it from A's matmul); else it is computed here, in x's dtype like every matmul.
+        x_dropped: dropout(x) as the adapter sees it, so that with gate_on_dropout the gate reads the
+        same dropout mask as the adapter (a fresh one when not given)."""
+        cfg = self.config
+        if cfg.gate == "none":
+            return None
+        if cfg.gate == "static":
+            g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
+        else:
+            if wx is None:
+                xg = (self.dropout(x) if x_dropped is None else x_dropped) if cfg.gate_on_dropout else x
+                xg = xg.detach() if cfg.gate_detach_input else xg
+                wx = F.linear(xg, self.gate.weight.to(x.dtype))          # (..., 1) w_g . x
+            g = torch.sigmoid(wx.to(self.lora_A.dtype) + self.gate.bias)  # (..., 1)
+        self.last_gate = g.squeeze(-1)
+        return g
+
+    def merged_weight(self):
+        """W = W0 + g Delta_W for gate none (g = 1) or static; a token gate depends on x and cannot merge.
+        LoRA: W0 + g s BA.   DoRA: W0 + g ((m/n - 1) W0 + (m/n) s BA).   HiRA: W0 * (1 + g BA).
+        Computed in the adapter's dtype (fp32, or fp64 for an fp64 base) whatever the base's."""
+        cfg = self.config
+        W0 = self.base.weight.to(self.lora_A.dtype)                      # (out, in)
+        BA = self.lora_B @ self.lora_A                                   # (out, in)
+        g = torch.sigmoid(self.gate) if cfg.gate == "static" else 1.0
+        if cfg.method == "lora":
+            return W0 + g * cfg.scale * BA
+        if cfg.method == "dora":
+            m_over_n = (self.magnitude / row_norm(W0 + cfg.scale * BA).detach())[:, None]  # (out, 1)
+            return W0 + g * ((m_over_n - 1) * W0 + m_over_n * cfg.scale * BA)
+        return W0 * (1 + g * BA)
+
+    def inference_delta_w(self):
+        """HiRA's Delta_W = W0 * BA (out, in) while autograd is off (evaluation, generation), kept
+        between forwards so that decoding one token at a time does not rebuild it for every token;
+        rebuilt when W0, A or B is replaced or changed in place (an optimizer step, load_adapter),
+        which their storage and version counter tell. None (and nothing kept) while training."""
+        if torch.is_grad_enabled():
+            self.kept_delta_w = None
+            return None
+        W0, A, B = self.base.weight, self.lora_A, self.lora_B
+        key = [(t.data_ptr(), t._version) for t in (W0, A, B)]
+        if self.kept_delta_w is None or self.kept_delta_w[0] != key:  # in the base's dtype, as the forward uses it
+            self.kept_delta_w = (key, W0 * (B.to(W0.dtype) @ A.to(W0.dtype)))
+        return self.kept_delta_w[1]
+
+    def forward(self, x):  # x: (..., in), in the base's dtype
+        return self.forward_fused(x) if self.config.fused else self.forward_plain(x)
+
+    def forward_plain(self, x):  # x: (..., in)
+        """The papers' equations as written, autograd doing the backward (GateRAConfig(fused=False)):
+        y = W0 x + b + g(x) Delta(x). The reference that forward_fused computes faster."""
+        cfg, W0, dt = self.config, self.base.weight, self.base.weight.dtype
+        A, B = self.lora_A.to(dt), self.lora_B.to(dt)                   # (r, in), (out, r)
+        xd = self.dropout(x) if cfg.dropout > 0 else x                  # (..., in) drop(x)
+        gate = self.gate_value(x, x_dropped=xd)                          # (..., 1), or None: no gate
+        if cfg.method == "lora":
+            delta = cfg.scale * F.linear(F.linear(xd, A), B)             # s B A drop(x)
+        elif cfg.method == "dora":
+            with torch.no_grad():  # n = ||W0 + s B A||_row, a constant for autograd, as DoRA has it
+                n = row_norm(W0.to(self.lora_A.dtype) + cfg.scale * self.lora_B @ self.lora_A)  # (out,)
+            m_over_n = (self.magnitude / n).to(dt)                       # (out,)
+            delta = (m_over_n - 1) * F.linear(x, W0) + m_over_n * cfg.scale * F.linear(F.linear(xd, A), B)
+        else:
+            delta = F.linear(x, W0 * (B @ A))                            # (W0 * B A) x, high rank
+        return self.base(x) + (delta if gate is None else gate.to(dt) * delta)  # (..., out)
+
+    def forward_fused(self, x):  # x: (..., in), in the base's dtype
+        """forward_plain's result, with the fast paths below (each saves memory or a pass over the
+        data; bench.py's plain-* rows measure them against forward_plain)."""
+        cfg, W0, bias = self.config, self.base.weight, self.base.bias
+        dt = W0.dtype  # every matmul runs in the base's dtype; the parameters stay in their own (see the class)
+        A, B = self.lora_A.to(dt), self.lora_B.to(dt)                   # (r, in), (out, r); no copy when dtypes agree
+        if cfg.method != "lora" and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W0, bias)):
+            raise RuntimeError(f"{cfg.method}: the frozen base weight or bias requires grad, but the fused autograd "
+                               "Functions of DoRA and HiRA compute no gradient for it (it would stay None); keep "
+                               "the base frozen (apply_gatera does), or use GateRAConfig(fused=False)")
+        # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
+        # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
+        # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
+        # fresh matrix that a matmul can add into in place (add_linear); in-place ops on views are costly.
+        # When a LoRA/DoRA token gate reads the adapter's own input (no dropout, no detach), w_g is one
+        # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
+        fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
+        hz = F.linear(x, torch.cat([self.lora_A, self.gate.weight]).to(dt)) if fold else None  # (..., r + 1)
+        xd = self.dropout(x) if cfg.dropout > 0 else x                  # (..., in) one mask for adapter and gate
+        g = self.gate_value(x, wx=hz[..., -1:] if fold else None, x_dropped=xd)  # (..., 1) or None
+        lead, x, xd = x.shape[:-1], x.reshape(-1, x.shape[-1]), xd.reshape(-1, x.shape[-1])  # (N, in)
+        if cfg.gate == "token":
+            g = g.reshape(-1, 1)                                         # (N, 1) one value per token
+        else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
+            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=self.lora_A.dtype, device=W0.device)
+        if cfg.method == "hira":
+            if cfg.gate != "token" and dt == self.lora_A.dtype:
+                # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
+                # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
+                # a small BA, so the update is then added as a separate term.
+                out = HiRAMerged.apply(x, W0, bias, g * B, A)
+            else:
+                out = HiRAGated.apply(x, g.to(dt), W0, bias, B, A, self.inference_delta_w())
+            return out.view(*lead, -1)
+        # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
+        # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
+        if cfg.gate == "token":
+            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(xd, A)  # (N, r) A drop(x)
+        else:
+            h = F.linear(xd, (g * cfg.scale * self.lora_A).to(dt))      # (N, r) g s A drop(x)
+        if cfg.method == "lora":
+            out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
+        else:
+            # DoRA: (1 + g (m/n - 1)) W0 x + b + (m/n) B (g s A x): m/n scales the rows of B (out, r),
+            # not the output. n is a constant for autograd, computed in fp32 (a bf16 W0 + sBA would
+            # round a small sBA away).
+            with torch.no_grad():
+                n = row_norm(torch.addmm(W0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=cfg.scale))  # (out,)
+            m_over_n = self.magnitude / n                                # (out,)
+            out = DoRAScaledBase.apply(x, W0, bias, g.to(dt), (m_over_n - 1).to(dt))  # (N, out)
+            B_out = (m_over_n[:, None] * self.lora_B).to(dt)             # (out, r)
+        if cfg.gate == "token":
+            out = LowRankTokenGated.apply(out, h, g.to(dt), B_out, cfg.scale)
+        else:
+            out = add_linear(out, h, B_out)
+        return out.view(*lead, -1)
+
+    def extra_repr(self):
+        c = self.config
+        return f"method={c.method}, rank={c.rank}, scale={c.scale:g}, gate={c.gate}"
+
+
+# -----------------------------------------------------------------------------
+# the fast paths: each computes one part of AdaptedLinear.forward_plain with less memory or fewer passes
 
 def add_linear(y, h, W):
     """y + h W^T, added into y in place: y must be a fresh (N, out) matrix that nothing else uses.
@@ -196,149 +366,6 @@ class DoRAScaledBase(torch.autograd.Function):
         return dx, None, None, P @ c[:, None], (g.T @ P)[0]
 
 
-class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
-
-    Mixed precision, as autocast would do it, but without recasting the frozen weights: the
-    adapter and gate parameters (and so their gradients and the optimizer state) are kept in fp32
-    (fp64 for an fp64 base, as the tests use), while every matmul runs in the base's dtype. On a
-    bf16 base the small (r, in) and (out, r) matrices are cast to bf16 in each forward, the (N, in)
-    activations never to fp32, so the update uses the CPU's or GPU's bf16 matrix units. What needs
-    fp32 stays fp32: the gate value g = sigmoid(z), the row norms of DoRA and the merged weights.
-    """
-
-    def __init__(self, base: nn.Linear, config: GateRAConfig):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.config = config
-        out_features, in_features = base.weight.shape
-        kw = dict(device=base.weight.device, dtype=torch.promote_types(base.weight.dtype, torch.float32))
-        self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **kw))  # (r, in)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **kw))  # (out, r): Delta = 0 at init
-        if config.method == "dora":
-            self.magnitude = nn.Parameter(row_norm(base.weight).to(kw["dtype"]))  # (out,) m = ||W0||_row
-        self.dropout = nn.Dropout(config.dropout)
-        if config.gate == "token":
-            self.gate = nn.Linear(in_features, 1, **kw)  # z = w_g . x + b_g
-            nn.init.normal_(self.gate.weight, std=config.gate_init_std)
-            nn.init.constant_(self.gate.bias, config.gate_init_bias)
-        elif config.gate == "static":
-            self.gate = nn.Parameter(torch.tensor(config.gate_init_bias, **kw))  # one logit z
-        else:
-            self.gate = None
-        self.last_gate = None  # g of the last forward, (...) one value per token, for the entropy term
-        self.kept_delta_w = None  # HiRA: (key, W0 * BA) kept between forwards without autograd
-
-    def gate_value(self, x, wx=None, x_dropped=None):
-        """g(x) = sigmoid(z) -> (..., 1), in the adapter's dtype; records it (shape (...)) in
-        self.last_gate. None: no gate. wx (..., 1): w_g . x, when the caller has it already (forward
-        gets it from A's matmul); else it is computed here, in x's dtype like every matmul.
-        x_dropped: dropout(x) as the adapter sees it, so that with gate_on_dropout the gate reads the
-        same dropout mask as the adapter (a fresh one when not given)."""
-        cfg = self.config
-        if cfg.gate == "none":
-            return None
-        if cfg.gate == "static":
-            g = torch.sigmoid(self.gate).expand(x.shape[:-1]).unsqueeze(-1)  # (..., 1), one value shared
-        else:
-            if wx is None:
-                xg = (self.dropout(x) if x_dropped is None else x_dropped) if cfg.gate_on_dropout else x
-                xg = xg.detach() if cfg.gate_detach_input else xg
-                wx = F.linear(xg, self.gate.weight.to(x.dtype))          # (..., 1) w_g . x
-            g = torch.sigmoid(wx.to(self.lora_A.dtype) + self.gate.bias)  # (..., 1)
-        self.last_gate = g.squeeze(-1)
-        return g
-
-    def merged_weight(self):
-        """W = W0 + g Delta_W for gate none (g = 1) or static; a token gate depends on x and cannot merge.
-        LoRA: W0 + g s BA.   DoRA: W0 + g ((m/n - 1) W0 + (m/n) s BA).   HiRA: W0 * (1 + g BA).
-        Computed in the adapter's dtype (fp32, or fp64 for an fp64 base) whatever the base's."""
-        cfg = self.config
-        W0 = self.base.weight.to(self.lora_A.dtype)                      # (out, in)
-        BA = self.lora_B @ self.lora_A                                   # (out, in)
-        g = torch.sigmoid(self.gate) if cfg.gate == "static" else 1.0
-        if cfg.method == "lora":
-            return W0 + g * cfg.scale * BA
-        if cfg.method == "dora":
-            m_over_n = (self.magnitude / row_norm(W0 + cfg.scale * BA).detach())[:, None]  # (out, 1)
-            return W0 + g * ((m_over_n - 1) * W0 + m_over_n * cfg.scale * BA)
-        return W0 * (1 + g * BA)
-
-    def inference_delta_w(self):
-        """HiRA's Delta_W = W0 * BA (out, in) while autograd is off (evaluation, generation), kept
-        between forwards so that decoding one token at a time does not rebuild it for every token;
-        rebuilt when W0, A or B is replaced or changed in place (an optimizer step, load_adapter),
-        which their storage and version counter tell. None (and nothing kept) while training."""
-        if torch.is_grad_enabled():
-            self.kept_delta_w = None
-            return None
-        W0, A, B = self.base.weight, self.lora_A, self.lora_B
-        key = [(t.data_ptr(), t._version) for t in (W0, A, B)]
-        if self.kept_delta_w is None or self.kept_delta_w[0] != key:  # in the base's dtype, as the forward uses it
-            self.kept_delta_w = (key, W0 * (B.to(W0.dtype) @ A.to(W0.dtype)))
-        return self.kept_delta_w[1]
-
-    def forward(self, x):  # x: (..., in), in the base's dtype
-        cfg, W0, bias = self.config, self.base.weight, self.base.bias
-        dt = W0.dtype  # every matmul runs in the base's dtype; the parameters stay in their own (see the class)
-        A, B = self.lora_A.to(dt), self.lora_B.to(dt)                   # (r, in), (out, r); no copy when dtypes agree
-        if cfg.method != "lora" and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W0, bias)):
-            raise RuntimeError(f"{cfg.method}: the frozen base weight or bias requires grad, but the fused autograd "
-                               "Functions of DoRA and HiRA compute no gradient for it (it would stay None); keep "
-                               "the base frozen (apply_gatera does)")
-        # The fast paths below are derived in the docstrings of add_linear, LowRankTokenGated,
-        # HiRAMerged, HiRAGated and DoRAScaledBase; test_gatera.py checks them against the plain
-        # formulas and autograd. The tokens are the rows of one (N, in) matrix: each output is then a
-        # fresh matrix that a matmul can add into in place (add_linear); in-place ops on views are costly.
-        # When a LoRA/DoRA token gate reads the adapter's own input (no dropout, no detach), w_g is one
-        # more row of A: one matmul gives A x and the gate's w_g . x, one matmul their input gradient.
-        fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
-        hz = F.linear(x, torch.cat([self.lora_A, self.gate.weight]).to(dt)) if fold else None  # (..., r + 1)
-        xd = self.dropout(x) if cfg.dropout > 0 else x                  # (..., in) one mask for adapter and gate
-        g = self.gate_value(x, wx=hz[..., -1:] if fold else None, x_dropped=xd)  # (..., 1) or None
-        lead, x, xd = x.shape[:-1], x.reshape(-1, x.shape[-1]), xd.reshape(-1, x.shape[-1])  # (N, in)
-        if cfg.gate == "token":
-            g = g.reshape(-1, 1)                                         # (N, 1) one value per token
-        else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
-            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=self.lora_A.dtype, device=W0.device)
-        if cfg.method == "hira":
-            if cfg.gate != "token" and dt == self.lora_A.dtype:
-                # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
-                # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
-                # a small BA, so the update is then added as a separate term.
-                out = HiRAMerged.apply(x, W0, bias, g * B, A)
-            else:
-                out = HiRAGated.apply(x, g.to(dt), W0, bias, B, A, self.inference_delta_w())
-            return out.view(*lead, -1)
-        # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
-        # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
-        if cfg.gate == "token":
-            h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(xd, A)  # (N, r) A drop(x)
-        else:
-            h = F.linear(xd, (g * cfg.scale * self.lora_A).to(dt))      # (N, r) g s A drop(x)
-        if cfg.method == "lora":
-            out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
-        else:
-            # DoRA: (1 + g (m/n - 1)) W0 x + b + (m/n) B (g s A x): m/n scales the rows of B (out, r),
-            # not the output. n is a constant for autograd, computed in fp32 (a bf16 W0 + sBA would
-            # round a small sBA away).
-            with torch.no_grad():
-                n = row_norm(torch.addmm(W0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=cfg.scale))  # (out,)
-            m_over_n = self.magnitude / n                                # (out,)
-            out = DoRAScaledBase.apply(x, W0, bias, g.to(dt), (m_over_n - 1).to(dt))  # (N, out)
-            B_out = (m_over_n[:, None] * self.lora_B).to(dt)             # (out, r)
-        if cfg.gate == "token":
-            out = LowRankTokenGated.apply(out, h, g.to(dt), B_out, cfg.scale)
-        else:
-            out = add_linear(out, h, B_out)
-        return out.view(*lead, -1)
-
-    def extra_repr(self):
-        c = self.config
-        return f"method={c.method}, rank={c.rank}, scale={c.scale:g}, gate={c.gate}"
-
-
 # -----------------------------------------------------------------------------
 # whole-model helpers
 
@@ -436,6 +463,14 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj):
+    """obj as indented JSON at path, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
 def save_adapter(model, out_dir):
     """Write adapter.safetensors (adapter tensors only) and adapter_config.json to out_dir."""
     layers = adapted_layers(model)
@@ -447,10 +482,7 @@ def save_adapter(model, out_dir):
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p))
 
-    def write_config(p):
-        with open(p, "w") as f:
-            json.dump(cfg, f, indent=2)
-    atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), write_config)
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG), cfg)
 
 
 def load_adapter(model, adapter_dir):

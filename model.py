@@ -2,12 +2,14 @@
 One decoder-only transformer for two families of pretrained checkpoints, in the style of nanoGPT:
 
 - GPT-2: LayerNorm, GELU (tanh) MLP, learned positions, biases on every linear, tied lm_head.
-- Llama (Llama 2/3, SmolLM2, ...): RMSNorm, SwiGLU MLP, rotary positions (RoPE, with Llama 3.x
-  "llama3" scaling), grouped-query attention, no biases, tied or untied lm_head.
+- Llama (Llama 3.x, SmolLM2, ...): RMSNorm, SwiGLU MLP, rotary positions (RoPE, with Llama 3.x
+  "llama3" scaling), grouped-query attention, no biases, tied or untied lm_head. Llama 2's weights
+  have the same layout, but its SentencePiece tokenizer is not supported (data.load_tokenizer says so).
 
 Every projection is a plain nn.Linear named q_proj, k_proj, v_proj, o_proj (attention) or gate_proj,
 up_proj, down_proj (MLP), and the forward pass only calls them, so gatera.apply_gatera can wrap them.
 GPT.from_pretrained reads Hugging Face checkpoints (local directory or Hub id) and llama.cpp .gguf files.
+Start reading at GPT.forward; the loaders follow it.
 """
 
 import importlib.util
@@ -118,6 +120,13 @@ class KVCache:
     @property
     def length(self):
         return 0 if self.k is None else self.k.size(2)
+
+    def fork(self):
+        """A cache that starts from this one's keys and values: scoring several continuations of one
+        prompt extends a fork each, and this cache stays as it is (update makes new tensors)."""
+        forked = KVCache()
+        forked.k, forked.v = self.k, self.v
+        return forked
 
     def update(self, k, v):
         """Append k, v (B, n_kv_head, T, hd); return all keys and values so far (B, n_kv_head, past + T, hd)."""

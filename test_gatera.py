@@ -2,7 +2,8 @@
 pytest proves the GateRA theory and checks the implementation against reference implementations.
 
 Read the test names top to bottom: each one is a claim. The theory tests run in float64 and
-compare the closed-form gradients of the paper (REFERENCE.md section 4) with autograd.
+compare the closed-form gradients of the GateRA paper's soft gradient-masking theorem (Ou et al.,
+AAAI 2026) with autograd.
 """
 
 import hashlib
@@ -91,7 +92,7 @@ def update_of(layer, x):
 
 
 # -----------------------------------------------------------------------------
-# The soft gradient-masking theorem (REFERENCE section 4)
+# The soft gradient-masking theorem (GateRA paper): every adapter gradient of a token is scaled by its gate
 
 def closed_form_grads(layer, x, delta):
     """dL/dA and dL/dB from the paper's formulas, summed over tokens, each token weighted by g(x_t)."""
@@ -281,7 +282,7 @@ def test_at_init_the_adapted_layer_equals_the_frozen_layer_exactly(method, gate)
 
 @pytest.mark.parametrize("method,gate", itertools.product(METHODS, GATES))
 def test_forward_is_w0x_plus_b_plus_g_times_the_papers_update(method, gate):
-    """The plain formulas of REFERENCE sections 1-2, written out independently of gatera.py; this also
+    """The plain formulas of the LoRA, DoRA and HiRA papers with GateRA's gate, written out independently of gatera.py; this also
     covers HiRA's merged one-matmul path (gate none or static): W0 x + g (W0 * BA) x = (W0 * (1 + g BA)) x."""
     layer = make_layer(method, gate)
     x = torch.randn(T, IN, dtype=torch.float64)
@@ -977,7 +978,8 @@ FIXTURE = HERE / "fixtures" / "data" / "dataset" / "boolq" / "test.json"  # 3 ha
 FIXTURE_BLOB = "489ebe938ec595c94c68a727d6ea745eb7326515"  # `git hash-object fixtures/data/dataset/boolq/test.json`
 BOOLQ_TEST = "dataset/boolq/test.json"
 
-# REFERENCE §6, copied character for character (16 spaces; one trailing space after "request.")
+# LLM-Adapters' prompt (Hu et al. 2023, its finetune.py and commonsense_evaluate.py), copied character for
+# character (16 spaces; one trailing space after "request.")
 EVAL_TEMPLATE = "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n                ### Instruction:\n                {instruction}\n\n                ### Response:\n                "
 # LLM-Adapters finetune.py: TWO spaces after "request.", 16 spaces on the blank line after the instruction
 TRAIN_REFERENCE_TEMPLATE = "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n                ### Instruction:\n                {instruction}\n                \n                ### Response:\n                {output}"
@@ -1659,7 +1661,7 @@ def test_a_model_without_gates_records_nothing_and_the_report_says_where_gates_d
 # gatera.py's fast paths and bench.py's FLOP count
 
 def plain_formula(layer, x):
-    """y = W0 x + b + g(x) Delta(x), written out with plain autograd ops (REFERENCE sections 1-2)."""
+    """y = W0 x + b + g(x) Delta(x), written out with plain autograd ops (the papers' formulas)."""
     cfg, W0, b = layer.config, layer.base.weight, layer.base.bias
     A, B, s = layer.lora_A, layer.lora_B, cfg.scale
     g = {"none": 1.0, "static": torch.sigmoid(layer.gate) if cfg.gate == "static" else None,
@@ -1673,6 +1675,23 @@ def plain_formula(layer, x):
         delta = x @ (W0 * (B @ A)).T
     y = x @ W0.T + g * delta
     return y if b is None else y + b
+
+
+@pytest.mark.parametrize("method,gate", itertools.product(METHODS, GATES))
+def test_forward_plain_is_the_formula_and_gives_forward_fused_s_output_and_gradients(method, gate):
+    """GateRAConfig(fused=False) runs AdaptedLinear.forward_plain: the equations with autograd,
+    equal to the formula written out here, and to the fused default in output and every gradient."""
+    fused = make_layer(method, gate)
+    plain = make_layer(method, gate)
+    plain.config = GateRAConfig(**{**vars(fused.config), "fused": False})
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, OUT, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), plain_formula(plain, x), rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(m(x), [x] + [p for p in m.parameters() if p.requires_grad], dy) for m in (fused, plain)]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    plain.base.weight.requires_grad_(True)  # the plain path, unlike the fused one, trains an unfrozen base too
+    torch.autograd.grad(plain(x).sum(), plain.base.weight)
 
 
 @pytest.mark.parametrize("method,gate,bias,x_grad", itertools.product(METHODS, GATES, (True, False), (True, False)))

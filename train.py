@@ -21,6 +21,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 from data import LABELS, MIXES, collate, encode_examples, load_task, load_tokenizer
 from evaluate import (GateRecorder, comparison, evaluate, gate_report, generate_text, hms, interval95, mcnemar,
                       read_predictions, write_predictions)
-from gatera import (GateRAConfig, adapted_layers, adapter_state_dict, apply_gatera, atomic_write,
-                    gate_entropy, load_adapter, save_adapter)
+from gatera import (GateRAConfig, adapter_state_dict, apply_gatera, atomic_write,
+                    gate_entropy, load_adapter, save_adapter, write_json)
 from model import GPT
 from visualize import gate_page, write_page
 
@@ -132,13 +133,6 @@ def subset(n_items, n, seed):
     if not n or n >= n_items:
         return list(range(n_items))
     return sorted(torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))[:n].tolist())
-
-
-def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
@@ -337,7 +331,7 @@ def main(argv=None):
             if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
                 state["cuda_rng"] = torch.cuda.get_rng_state(device)
             atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-            atomic_write(log_path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in log)))
+            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
 
     def micro_batches(step):
         """This rank's micro-batches of batch `step` (of --grad-accum over all ranks: rank, rank +
@@ -350,11 +344,12 @@ def main(argv=None):
         n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
         return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx), idx[:1]
 
-    def forward_backward(mb, n_targets, n_real, weight=1.0):
+    def forward_backward(mb, n_targets, n_real, weight=1.0, recorder=None):
         """Forward and backward of micro-batch mb (example indices). Its loss is its share of the whole
         batch's means: summed over its tokens, divided by the batch's counts (x world: DDP averages the
-        ranks' gradients); weight 0 makes it a stand-in that adds nothing (see the loop). Returns (task loss sum, entropy sum, real tokens) and the gates on the prompt's
-        and on the answer's tokens (those with a target: the answer itself, teacher-forced)."""
+        ranks' gradients); weight 0 makes it a stand-in that adds nothing (see the loop). Returns
+        (task loss sum, entropy sum, real tokens); a GateRecorder gets the gates on the prompt's tokens
+        (prefill) and on the answer's (scored: those with a target, teacher-forced)."""
         ids, labels, mask = (t.to(device) for t in collate([encoded[i] for i in mb], tok.pad_id))
         is_target = labels[:, 1:] != -100                                   # (B, T-1) -100: no loss
         logits = step_model(ids, logits_at=F.pad(is_target, (0, 1), value=False))  # (N, V) only where a target is
@@ -366,10 +361,9 @@ def main(argv=None):
             sys.exit(f"step {step}: the loss is {loss.item()} (not finite); stopping. The last good checkpoint "
                      f"is {ckpt_path}: lower --lr or check the data, then --resume")
         loss.backward()
-        answer = labels != -100                                             # (B, T) answer tokens
-        gates = [(layer.last_gate.detach()[mask.bool() & ~answer].float(), layer.last_gate.detach()[answer].float())
-                 for _, layer in adapted_layers(model) if layer.last_gate is not None]
-        return weight * torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()]), gates if weight else []
+        if recorder and weight:
+            recorder.add(torch.where(labels != -100, 1, torch.where(mask.bool(), 0, -1)), ids)  # (B, T)
+        return weight * torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()])
 
     def training_seconds():
         """About how long the training takes: a forward and backward (no update) of median-length and of
@@ -418,7 +412,8 @@ def main(argv=None):
             group["lr"] = lr
         micro, n_targets, n_real, first = micro_batches(step)
         stats = torch.zeros(3, device=device)  # summed task loss, summed entropy, real tokens
-        gates = []
+        logging = step + 1 in (1, total_steps) or (step + 1) % args.log_interval == 0
+        recorder = GateRecorder(model) if logging else None
         for m, mb in enumerate(micro):
             if not mb and not ddp:
                 continue
@@ -426,9 +421,7 @@ def main(argv=None):
                 step_model.require_backward_grad_sync = m == len(micro) - 1
             # With DDP every rank must join every all-reduce: where a short last batch leaves this rank's
             # micro-batch empty, it runs one example of the batch with weight 0 (its gradient adds zeros).
-            mb_stats, mb_gates = forward_backward(mb or first, n_targets, n_real, weight=1.0 if mb else 0.0)
-            stats += mb_stats
-            gates += mb_gates
+            stats += forward_backward(mb or first, n_targets, n_real, 1.0 if mb else 0.0, recorder)
         if ddp:
             torch.distributed.all_reduce(stats)
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -437,21 +430,23 @@ def main(argv=None):
         step += 1
         tokens_seen += stats[2].item()
 
-        if step == 1 or step % args.log_interval == 0 or step == total_steps:
+        if logging:
             task_loss, entropy = stats[0].item() / n_targets, stats[1].item() / n_real
-            g = torch.cat([torch.cat(pair) for pair in gates]) if gates else torch.zeros(0)
+            gates = recorder.summary()  # this rank's prompt (prefill) and answer (scored) tokens
+            n = sum(s["positions"] for s in gates.values())
+
+            def over_all(key):  # prompt and answer together: each kind weighted by its positions
+                return sum(s[key] * s["positions"] for s in gates.values()) / n if n else None
             elapsed = time.time() - t0
             rec = {"step": step, "loss": task_loss + args.entropy_weight * entropy, "task_loss": task_loss,
-                   "entropy": entropy, "gate_mean": g.mean().item() if len(g) else None,
-                   "gate_below_0.1": (g < 0.1).float().mean().item() if len(g) else None,
-                   "gate_above_0.9": (g > 0.9).float().mean().item() if len(g) else None,
-                   **{f"gate_{part}": torch.cat([pair[k] for pair in gates]).mean().item() if gates else None
-                      for k, part in enumerate(("prompt", "answer"))},
+                   "entropy": entropy, "gate_mean": over_all("mean"), "gate_below_0.1": over_all("below_0.1"),
+                   "gate_above_0.9": over_all("above_0.9"),
+                   "gate_prompt": gates.get("prefill", {}).get("mean"), "gate_answer": gates.get("scored", {}).get("mean"),
                    "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
             log.append(rec)
             eta = elapsed / (step - step0) * (total_steps - step)
-            gate_txt = (f" | gate {rec['gate_mean']:.3f} (<0.1 {rec['gate_below_0.1']:.0%}, >0.9 {rec['gate_above_0.9']:.0%})"
-                        if len(g) else "")
+            gate_txt = (f" | gate {rec['gate_mean']:.3f} (<0.1 {rec['gate_below_0.1']:.0%}, >=0.9 {rec['gate_above_0.9']:.0%})"
+                        if n else "")
             say(f"step {step}/{total_steps} | loss {rec['loss']:.4f} | task {task_loss:.4f} | H {entropy:.4f}{gate_txt} | "
                 f"lr {lr:.2e} | {rec['tokens_per_s']:.0f} tok/s | {hms(elapsed)} elapsed, ETA {hms(eta)}")
         if master and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
