@@ -136,11 +136,13 @@ def subset(n_items, n, seed):
 
 
 # -----------------------------------------------------------------------------
-# setup
+# setup, the batches and the schedule
 
 
-def main(argv=None):
-    args = parser.parse_args(argv)
+def setup(args):
+    """The device (and, under torchrun, the process group), the dtype of the frozen base and why,
+    and the defaults that depend on them: the budget preset and the method's lr and dropout.
+    Returns (ddp, rank, world, device, dtype, why, preset: the budget flags the preset filled)."""
     ddp = "RANK" in os.environ  # launched by torchrun
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -154,7 +156,6 @@ def main(argv=None):
             sys.exit(f"--grad-accum {args.grad_accum} must be a multiple of the {world} processes")
     else:
         rank, world = 0, 1
-    master = rank == 0
     device = torch.device(args.device)
     if args.format == "cloze" and args.eval == "generate":
         sys.exit("--eval generate is for --format label: a cloze is scored, not generated")
@@ -165,6 +166,58 @@ def main(argv=None):
         setattr(args, k, budget[k])
     args.dropout = (0.0 if args.method == "hira" else 0.05) if args.dropout is None else args.dropout
     args.lr = args.lr or {"hira": 1e-3, "lora": 3e-4, "dora": 2e-4}[args.method]
+    return ddp, rank, world, device, dtype, why, preset
+
+
+def load_tests(args):
+    """The tasks to evaluate (one, or all eight after a mix) and their test items, each a list of
+    (index in the task's test file, example): a seeded subset of --eval-examples, or all."""
+    eval_tasks = [args.task] if args.task in LABELS else list(LABELS)
+    tests = {}
+    for t in eval_tasks:
+        examples = load_task(t, "test", args.data_dir)
+        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
+    return eval_tasks, tests
+
+
+def load_training(args, tok):
+    """(the size of the training set, its seeded --train-examples subset encoded: [(ids, labels)])."""
+    train_set = load_task(args.task, "train", args.data_dir)
+    train = [train_set[i] for i in subset(len(train_set), args.train_examples, args.seed)]
+    return len(train_set), encode_examples(tok, args.task, train, fmt=args.format, name=f"{args.task} train",
+                                           cutoff=args.cutoff, train_on_inputs=args.train_on_inputs,
+                                           variant=args.train_prompt)
+
+
+def length_grouped_batches(lengths, batch_size, seed):
+    """One epoch's batches (lists of example indices), grouped by length as Hugging Face's
+    group_by_length: a random permutation is cut into groups of 64 batches, each group is sorted by
+    length and cut into batches, and the batches are shuffled. Examples of about one length share a
+    batch, so padding wastes little (PIQA's cloze examples: 36 tokens on average, 100 for the
+    longest of 16 random ones). A function of the seed alone."""
+    g = torch.Generator().manual_seed(seed)
+    perm, batches = torch.randperm(len(lengths), generator=g).tolist(), []
+    for i in range(0, len(perm), 64 * batch_size):
+        group = sorted(perm[i:i + 64 * batch_size], key=lambda j: lengths[j])
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def lr_at(step, args, total_steps):
+    """Linear warmup over args.warmup steps to args.lr, then linear decay to 0 at total_steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
+
+
+# -----------------------------------------------------------------------------
+# the run: set up, load, evaluate before, train, evaluate after, compare
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    ddp, rank, world, device, dtype, why, preset = setup(args)
+    master = rank == 0
     torch.manual_seed(args.seed)
     say = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); adapters, optimizer and loss in float32")
@@ -181,11 +234,7 @@ def main(argv=None):
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
         f"{args.format} format")
 
-    eval_tasks = [args.task] if args.task in LABELS else list(LABELS)
-    tests = {}  # task -> [(index in its test file, example)]
-    for t in eval_tasks:
-        examples = load_task(t, "test", args.data_dir)
-        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
+    eval_tasks, tests = load_tests(args)
     os.makedirs(args.out, exist_ok=True)
     metrics = {"task": args.task, "model": args.model, "method": args.method, "gate": args.gate,
                "entropy_weight": args.entropy_weight, "format": args.format, "eval_mode": args.eval,
@@ -231,15 +280,7 @@ def main(argv=None):
 
     t_start = time.time()
     if args.eval_only and args.prompt is not None:
-        recorder = GateRecorder(model, keep=1)
-        ids = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, device,
-                            recorder)
-        for line in gate_report(recorder.summary(), "while generating"):
-            print(line)
-        if args.visualize and recorder.kept:
-            write_page(os.path.join(args.out, "gates.html"), gate_page(f"{args.model}, {what}: generation", recorder, tok))
-            print(f"wrote {os.path.join(args.out, 'gates.html')}")
-        return {"generated": tok.decode(ids), "gates": recorder.summary()}
+        return generate_from_prompt(args, model, tok, device, what)
     if args.eval_only:
         run_eval("after")
         metrics["wall_s"] = time.time() - t_start
@@ -250,37 +291,19 @@ def main(argv=None):
     # training data and schedule: step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch,
     # so the order is a function of (seed, s) alone
 
-    train_set = load_task(args.task, "train", args.data_dir)
-    train = [train_set[i] for i in subset(len(train_set), args.train_examples, args.seed)]
-    encoded = encode_examples(tok, args.task, train, fmt=args.format, name=f"{args.task} train", cutoff=args.cutoff,
-                              train_on_inputs=args.train_on_inputs, variant=args.train_prompt)
+    n_available, encoded = load_training(args, tok)
     steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
     total_steps = args.max_steps or args.epochs * steps_per_epoch
     metrics["n_train"] = len(encoded)
     if preset:
         say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
-            f"{len(encoded)} of {len(train_set)} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
+            f"{len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
             f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated "
             f"{'after' if args.skip_eval_before else 'before and after'}")
 
-    @functools.lru_cache(maxsize=1)
-    def batches_of_epoch(epoch):
-        """The epoch's batches, grouped by length (as Hugging Face's group_by_length): a random
-        permutation is cut into groups of 64 batches, each group is sorted by length and cut into
-        batches, and the batches are shuffled. Examples of about one length share a batch, so
-        padding wastes little (PIQA's cloze examples: 36 tokens on average, 100 for the longest of
-        16 random ones)."""
-        g = torch.Generator().manual_seed(args.seed + epoch)
-        perm, size, batches = torch.randperm(len(encoded), generator=g).tolist(), args.batch_size, []
-        for i in range(0, len(perm), 64 * size):
-            group = sorted(perm[i:i + 64 * size], key=lambda j: len(encoded[j][0]))
-            batches += [group[k:k + size] for k in range(0, len(group), size)]
-        return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
+    lengths = [len(ids) for ids, _ in encoded]
+    batches_of_epoch = functools.lru_cache(maxsize=1)(
+        lambda epoch: length_grouped_batches(lengths, args.batch_size, args.seed + epoch))
 
     # ---------------------------------------------------------------------
     # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
@@ -407,7 +430,7 @@ def main(argv=None):
     step_model.train()
     t0, tokens_seen, step0 = time.time(), 0, step
     while step < total_steps:
-        lr = lr_at(step)
+        lr = lr_at(step, args, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro, n_targets, n_real, first = micro_batches(step)
@@ -467,18 +490,7 @@ def main(argv=None):
     if master:
         run_eval("after")
         save_adapter(model, os.path.join(args.out, "adapter"))
-        for t in eval_tasks:  # after a --resume the evaluation before is on disk
-            before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
-            if ("before", t) not in predictions and not os.path.exists(before_file):
-                continue
-            before = predictions.get(("before", t)) or read_predictions(before_file)
-            after = predictions["after", t]
-            say(f"\n{t}, {len(after)} test examples: before vs after training")
-            for line in comparison([("before (zero-shot)", before), ("after", after)]):
-                say(line)
-            keys = ["pred", "pred_norm"] if args.format == "cloze" else ["pred"]
-            metrics.setdefault("mcnemar", {})[t] = {("acc" if k == "pred" else "acc_norm"): dict(
-                zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
+        compare_before_after(args, eval_tasks, predictions, metrics, say)
         train_log = [r for r in log if "task_loss" in r]
         peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -493,6 +505,40 @@ def main(argv=None):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# the steps main calls at its end
+
+
+def generate_from_prompt(args, model, tok, device, what):
+    """--eval-only --prompt: prints the continuation as it comes, then the gates of the prompt
+    (prefill) and of each generated token (decode); --visualize writes them as gates.html."""
+    recorder = GateRecorder(model, keep=1)
+    ids = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k, device, recorder)
+    for line in gate_report(recorder.summary(), "while generating"):
+        print(line)
+    if args.visualize and recorder.kept:
+        write_page(os.path.join(args.out, "gates.html"), gate_page(f"{args.model}, {what}: generation", recorder, tok))
+        print(f"wrote {os.path.join(args.out, 'gates.html')}")
+    return {"generated": tok.decode(ids), "gates": recorder.summary()}
+
+
+def compare_before_after(args, eval_tasks, predictions, metrics, say):
+    """The table of before vs after on the same test items, with McNemar's exact test, per task;
+    after a --resume the evaluation before is read back from its predictions.jsonl."""
+    for t in eval_tasks:
+        before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
+        if ("before", t) not in predictions and not os.path.exists(before_file):
+            continue
+        before = predictions.get(("before", t)) or read_predictions(before_file)
+        after = predictions["after", t]
+        say(f"\n{t}, {len(after)} test examples: before vs after training")
+        for line in comparison([("before (zero-shot)", before), ("after", after)]):
+            say(line)
+        keys = ["pred", "pred_norm"] if args.format == "cloze" else ["pred"]
+        metrics.setdefault("mcnemar", {})[t] = {("acc" if k == "pred" else "acc_norm"): dict(
+            zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
 
 
 if __name__ == "__main__":
