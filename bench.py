@@ -37,6 +37,8 @@ An adapted linear adds (r = rank):
   token gate       + 6 N in: w_g . x forward and its two gradients (a static gate: nothing)
 Elementwise work (norms, GELU, softmax, the gate's products, AdamW) is not counted: it moves memory
 rather than multiplying. time/base beside FLOPs/base shows what a row costs beyond its arithmetic.
+
+Start reading at main(); each row runs in run_child -> run_row (or run_dtypes, run_generation).
 """
 
 import argparse
@@ -310,8 +312,13 @@ def run_generation(args):
     recompute, recompute_ids = tokens_per_s(without_cache)
     apply_gatera(model, GateRAConfig(method="hira", gate="token", rank=args.rank))
     gatera_cache, _ = tokens_per_s(model.generate)
+    # what HiRA keeps for decoding: W0 * BA per adapted layer, in the base's dtype (AdaptedLinear.inference_delta_w)
+    kept = sum(layer.kept_delta_w[1].numel() * layer.kept_delta_w[1].element_size()
+               for _, layer in adapted_layers(model) if layer.kept_delta_w is not None)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return dict(row="generate", cache_tokens_per_s=cache, no_cache_tokens_per_s=recompute,
-                same_tokens=cache_ids == recompute_ids, gatera_cache_tokens_per_s=gatera_cache)
+                same_tokens=cache_ids == recompute_ids, gatera_cache_tokens_per_s=gatera_cache,
+                gatera_kept_mb=kept / 2**20, frozen_mb=frozen / 2**20)
 
 
 # -----------------------------------------------------------------------------
@@ -457,7 +464,9 @@ def main():
               f"  KV cache {generation['cache_tokens_per_s']:.1f} tokens/s, recomputing "
               f"{generation['no_cache_tokens_per_s']:.1f} tokens/s: {generation['speedup']:.1f}x; "
               f"the same tokens: {generation['same_tokens']}\n"
-              f"  GateRA (HiRA, token gate) with the KV cache: {generation['gatera_cache_tokens_per_s']:.1f} tokens/s")
+              f"  GateRA (HiRA, token gate) with the KV cache: {generation['gatera_cache_tokens_per_s']:.1f} tokens/s, "
+              f"keeping W0 * BA of every adapted layer in the base's dtype: {generation['gatera_kept_mb']:.0f} MB "
+              f"(the frozen model: {generation['frozen_mb']:.0f} MB)")
         check(targets, "KV-cache generation speedup over recomputing", generation["speedup"], 5.0, at_least=True)
 
     settings = {k: v if isinstance(v, (int, float, str, type(None))) else str(v)

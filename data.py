@@ -9,7 +9,11 @@ against its git blob sha1 (what `git hash-object FILE` prints) before use, so ev
 the very same bytes. PIQA ships with this repository (llm_adapters/, xz-compressed), so the
 default run needs no network; the other tasks are downloaded once into a cache. Offline:
 `load_task(..., data_dir=DIR)` with DIR in the upstream layout, e.g. DIR/dataset/piqa/test.json.
-`python data.py [DIR]` fetches (or checks) every file.
+`python data.py [DIR]` fetches (or checks) every file. A --data-dir file that is not the pinned
+one is taken as your own data in the same format: a warning, then every example is validated.
+
+Start reading at load_task (fetch, then parse_examples), then the prompts (eval_prompt,
+train_prompt) and the cloze pairs (cloze_choices, encode_pair); the tokenizer is at the top.
 """
 import base64
 import hashlib

@@ -18,6 +18,9 @@ so that two runs can be compared item by item (McNemar's exact test):
     python evaluate.py out/before/piqa/predictions.jsonl out/after/piqa/predictions.jsonl [more ...]
 
 prints each file's accuracy with its 95 % interval and the test of each against the first file.
+
+Start reading at evaluate(); GateRecorder (at the top) records every gate value it meets, by
+kind of position (prompt, scored continuation, generated), layer and module.
 """
 
 import itertools

@@ -10,11 +10,13 @@ Three ways out of (and one into) this repository's GPT:
     merge_to_hf(model, out_dir, source) the merged model as a Hugging Face checkpoint folder
                                         (config.json + model.safetensors) for AutoModelForCausalLM
 
-PEFT computes the same three updates as gatera.py (W0 is (out, in), B is (out, r), A is (r, in)):
+PEFT (checked against peft 0.21.2) computes the same three updates as gatera.py: LoRA (Hu et al.,
+ICLR 2022), DoRA (Liu et al., ICML 2024), HiRA (Huang et al., ICLR 2025); W0 is (out, in), B (out, r),
+A (r, in):
 
     LoRA   y = W0 x + b + s B A x                                 s = lora_alpha / r  (rsLoRA: / sqrt(r))
     DoRA   y = W0 x + b + (m/n - 1) W0 x + (m/n) s B A x          n = ||W0 + s B A||_row  (use_dora)
-    HiRA   y = W0 x + b + (W0 * B A) x                            no scale  (PEFT's HiraConfig)
+    HiRA   y = W0 x + b + (W0 * B A) x                            no scale  (peft_type HIRA)
 
 but has no gate. A static gate g = sigmoid(z), one number per layer, folds into the tensors (see
 ungated); a token gate g(x) cannot be expressed in PEFT's format, so export_peft refuses it.
@@ -107,9 +109,10 @@ def ungated(name, layer):
         row = int((c <= 0).nonzero()[0])
         raise ValueError(f"export_peft: {name} row {row}: with the static gate g = {g.item():.4g} and m/n = "
                          f"{m_over_n[row].item():.4g} the layer scales W0 by 1 + g (m/n - 1) = {c[row].item():.4g} "
-                         "<= 0, which no DoRA W = m/n (W0 + s B A) with n > 0 expresses; keep our format (save_adapter)")
+                         "<= 0, which no DoRA W = m/n (W0 + s B A) with n > 0 expresses; keep our format "
+                         "(save_adapter)")
     B = (g * m_over_n / c)[:, None] * B                                  # (out, r)
-    return A, B, c * row_norm(W0 + cfg.scale * B @ A).to(A.dtype)
+    return A, B, c * row_norm(W0 + cfg.scale * B @ A)
 
 
 def fuse(parts, W0s):
@@ -143,15 +146,17 @@ def export_peft(model, out_dir, base_name_or_path):
     GPT-2's c_attn adapter has rank r times the number of q/k/v parts adapted (see fuse): LoRA and DoRA
     say so in rank_pattern, with alpha_pattern keeping s = alpha / r; PEFT's HiRA builds every layer
     with the config's r (its rank_pattern is not used when layers are created), so there every adapter
-    is padded to the largest rank with zero rows of A and zero columns of B, which changes no B A."""
+    is padded to the largest rank with zero rows of A and zero columns of B, which changes no B A.
+    Returns the adapter_config.json dict."""
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no adapters (call apply_gatera or load_adapter first)")
     cfg, arch = layers[0][1].config, model.config.arch
     if cfg.gate == "token":
-        raise ValueError("export_peft: the adapter has a token gate g(x) = sigmoid(w_g . x + b_g), one value per token; "
-                         "PEFT cannot express it (its LoRA, DoRA and HiRA layers have no gate), so the adapter cannot "
-                         "be exported in PEFT's format. Keep our format (save_adapter), or train with gate none or static")
+        raise ValueError("export_peft: the adapter has a token gate g(x) = sigmoid(w_g . x + b_g), one value per "
+                         "token; PEFT cannot express it (its LoRA, DoRA and HiRA layers have no gate), so the adapter "
+                         "cannot be exported in PEFT's format. Keep our format (save_adapter), or train with gate "
+                         "none or static")
     # every transformers module -> its parts: one for most, q, k, v for GPT-2's c_attn
     modules = {}
     for name, layer in layers:
@@ -200,10 +205,12 @@ def export_peft(model, out_dir, base_name_or_path):
 # -----------------------------------------------------------------------------
 # PEFT adapters in
 
-# adapter_config.json fields that add something our adapters cannot hold, with the value that means "off"
+# adapter_config.json fields that change the function in a way our adapters cannot hold, with the value
+# that means "off" (extra tensors, e.g. trained biases, are also refused by name)
 PEFT_UNSUPPORTED = {"bias": "none", "lora_bias": False, "modules_to_save": None, "layer_replication": None,
                     "trainable_token_indices": None, "target_parameters": None, "alora_invocation_tokens": None,
-                    "use_qalora": False}
+                    "use_qalora": False, "kasa_config": None, "monteclora_config": None, "use_bdlora": None,
+                    "arrow_config": None}
 PEFT_KEY = re.compile(rf"{re.escape(PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector|hira_A|hira_B)")
 
 
@@ -291,10 +298,12 @@ def import_peft(model, peft_dir):
     # one config for every layer: the largest rank, with the scale that PEFT's r and lora_alpha give
     R = max(a.shape[0] for a, _, _, _ in per_layer.values())
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in per_layer}))
-    extra = {} if method == "hira" else {"alpha": pc["lora_alpha"] * (math.sqrt(R / pc["r"]) if rslora else R / pc["r"]),
-                                         "dropout": pc.get("lora_dropout", 0.0), "rslora": rslora}
+    grow = math.sqrt(R / pc["r"]) if rslora else R / pc["r"]  # alpha for rank R with PEFT's s = alpha / r
+    extra = {} if method == "hira" else {"alpha": pc["lora_alpha"] * grow, "rslora": rslora,
+                                         "dropout": pc.get("lora_dropout", 0.0)}
     cfg = GateRAConfig(method=method, rank=R, gate="none", targets=targets, **extra)
-    linears = {n for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+    linears = {n for n, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
     if linears - set(per_layer):
         n = hf_name(sorted(linears - set(per_layer))[0], arch)
         raise ValueError(f"import_peft: tensor {PREFIX}{n}.{keys[0]} is missing from {weights_path}: the adapter "
@@ -346,6 +355,9 @@ def merged_state_dict(model):
         elif name == module + ".base.bias":
             state[module + ".bias"] = t
     if model.config.tie_embeddings:
+        if "lm_head" in layers:
+            raise ValueError("merge_to_hf: lm_head has an adapter, but its weight is tied to the token embedding, "
+                             "which a merged lm_head would no longer equal; adapt other layers")
         del state["lm_head.weight"]  # the token embedding; transformers ties it again
     return state
 
@@ -389,7 +401,9 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
                  for n, t in state.items()}
     tensors = {hf_name(n, arch): t.to(dtype).contiguous().cpu() for n, t in state.items()}
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "config.json"), lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(os.path.join(out_dir, "model.safetensors"),
+                 lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(out_dir, "config.json"),
+                 lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     for f in side:
         atomic_write(os.path.join(out_dir, f.name), lambda p: shutil.copyfile(f, p))

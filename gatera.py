@@ -16,6 +16,10 @@ g = 0 gives exactly the frozen model and g = 1 the ungated adapter. Training add
 mean binary entropy of the gates, which pushes every gate towards 0 or 1 (see gate_entropy).
 The gate also masks gradients: every adapter gradient of a token is multiplied by its g(x),
 e.g. for gated LoRA dL/dB = g s delta (A x)^T. test_gatera.py checks these formulas against autograd.
+
+Start reading at AdaptedLinear.forward_plain (the equations as written); the fast paths that
+forward_fused uses follow the class; then the whole-model helpers (apply_gatera, gate_entropy,
+merge_gatera) and saving / loading adapters.
 """
 
 import json

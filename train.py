@@ -11,6 +11,9 @@ Accuracy is measured before and after training on the same test items, and the r
 McNemar's test of the difference; the output folder gets the adapter, predictions.jsonl of both
 evaluations, log.jsonl, metrics.json and a checkpoint that --resume continues from.
 On a CPU, with no budget flag, the run takes a budget that finishes in about half an hour.
+
+Start reading at main(): set up, load the model and the data, evaluate before, train (the loop),
+evaluate after and compare; the steps it calls are the functions above and below it.
 """
 
 import argparse
