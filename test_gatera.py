@@ -1426,6 +1426,31 @@ def test_generating_from_a_prompt_streams_the_greedy_continuation(workdir, monke
     assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling
 
 
+def test_export_peft_and_merge_to_from_the_command_line(workdir, monkeypatch, tmp_path):
+    import export
+    model_dir, _, _ = workdir
+    run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "3", "--lr", "1e-2", "--method", "lora", "--gate", "static")
+    flags = ["--eval-only", "--adapter", str(tmp_path / "a" / "adapter"), "--dtype", "bfloat16"]  # exports run in fp32
+    got = run_train(workdir, monkeypatch, tmp_path / "e", *flags, "--export-peft", str(tmp_path / "peft"),
+                    "--merge-to", str(tmp_path / "merged"))
+    assert got == {"peft": str(tmp_path / "peft"), "merged": str(tmp_path / "merged")}
+    ours = GPT.from_pretrained(model_dir)
+    load_adapter(ours, tmp_path / "a" / "adapter")
+    ours.eval()  # LoRA's dropout off
+    idx = torch.randint(0, 500, (2, 9))
+    want = logits(ours, idx)
+    imported = GPT.from_pretrained(model_dir)
+    export.import_peft(imported, tmp_path / "peft")
+    torch.testing.assert_close(logits(imported.eval(), idx), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(GPT.from_pretrained(tmp_path / "merged"), idx), want, rtol=1e-5, atol=1e-5)
+    run_train(workdir, monkeypatch, tmp_path / "t", "--max-steps", "1")  # a token gate: refused, saying why
+    with pytest.raises(ValueError, match="PEFT cannot express"):
+        run_train(workdir, monkeypatch, tmp_path / "e2", "--eval-only", "--adapter", str(tmp_path / "t" / "adapter"),
+                  "--export-peft", str(tmp_path / "p2"))
+    with pytest.raises(SystemExit, match="--eval-only --adapter"):
+        run_train(workdir, monkeypatch, tmp_path / "e3", "--export-peft", str(tmp_path / "p3"))
+
+
 def test_eval_only_with_the_saved_adapter_reproduces_the_accuracy_after(workdir, monkeypatch, tmp_path):
     m = run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "4", "--lr", "1e-2")
     again = run_train(workdir, monkeypatch, tmp_path / "b", "--eval-only", "--adapter", str(tmp_path / "a" / "adapter"))

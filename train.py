@@ -34,6 +34,7 @@ from evaluate import (GateRecorder, comparison, evaluate, gate_report, generate_
                       read_predictions, write_predictions)
 from gatera import (GateRAConfig, adapter_state_dict, apply_gatera, atomic_write,
                     gate_entropy, load_adapter, save_adapter, write_json)
+from export import export_peft, merge_to_hf
 from model import GPT
 from visualize import gate_page, write_page
 
@@ -85,6 +86,10 @@ parser.add_argument("--eval-interval", type=int, default=0,
                     help="also evaluate every N training steps: accuracy and gates into log.jsonl (0: never)")
 parser.add_argument("--visualize", type=int, default=0, metavar="N",
                     help="write gates.html: the gates of the first N test examples, token by token")
+parser.add_argument("--export-peft", default=None, metavar="DIR",
+                    help="with --eval-only --adapter: write it in PEFT's layout (gate none or static) and stop")
+parser.add_argument("--merge-to", default=None, metavar="DIR",
+                    help="with --eval-only --adapter: write the merged model as a Hugging Face folder and stop")
 parser.add_argument("--prompt", default=None, help="with --eval-only: generate from this text instead of evaluating")
 parser.add_argument("--max-new-tokens", type=int, default=64)
 parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampling, seeded by --seed")
@@ -105,6 +110,7 @@ parser.add_argument("--grad-checkpointing", action="store_true", help="recompute
 # about half an hour on 2 cores in bf16 (README); a GPU run takes the papers' (all examples, 3 epochs)
 CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
+HUB_NAMES = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the embedded GGUF's unquantized original
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -222,6 +228,10 @@ def main(argv=None):
     ddp, rank, world, device, dtype, why, preset = setup(args)
     master = rank == 0
     torch.manual_seed(args.seed)
+    if (args.export_peft or args.merge_to) and not (args.eval_only and args.adapter):
+        sys.exit("--export-peft / --merge-to take a trained adapter: add --eval-only --adapter DIR")
+    if args.export_peft or args.merge_to:  # merge from the checkpoint's own weights, in fp32 (export.py)
+        dtype, why = torch.float32, "--export-peft / --merge-to merge and export in fp32"
     say = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); adapters, optimizer and loss in float32")
 
@@ -284,6 +294,8 @@ def main(argv=None):
     t_start = time.time()
     if args.eval_only and args.prompt is not None:
         return generate_from_prompt(args, model, tok, device, what)
+    if args.export_peft or args.merge_to:
+        return export_adapter(args, model)
     if args.eval_only:
         run_eval("after")
         metrics["wall_s"] = time.time() - t_start
@@ -525,6 +537,22 @@ def generate_from_prompt(args, model, tok, device, what):
         write_page(os.path.join(args.out, "gates.html"), gate_page(f"{args.model}, {what}: generation", recorder, tok))
         print(f"wrote {os.path.join(args.out, 'gates.html')}")
     return {"generated": tok.decode(ids), "gates": recorder.summary()}
+
+
+def export_adapter(args, model):
+    """--export-peft DIR / --merge-to DIR (export.py): the adapter in PEFT's layout, the merged model
+    as a Hugging Face checkpoint folder; a token gate is refused, saying why."""
+    base = HUB_NAMES.get(args.model, args.model)  # PEFT loads its base from the Hub or a folder, not a .gguf
+    written = {}
+    if args.export_peft:
+        export_peft(model, args.export_peft, base)
+        written["peft"] = args.export_peft
+        print(f"wrote {args.export_peft}: PEFT adapter for {base}")
+    if args.merge_to:
+        merge_to_hf(model, args.merge_to, args.model)
+        written["merged"] = args.merge_to
+        print(f"wrote {args.merge_to}: the merged model, Hugging Face layout")
+    return written
 
 
 def compare_before_after(args, eval_tasks, predictions, metrics, say):
