@@ -206,27 +206,27 @@ class AdaptedLinear(nn.Module):
         fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
         hz = F.linear(x, torch.cat([self.lora_A, self.gate.weight]).to(dt)) if fold else None  # (..., r + 1)
         xd = self.dropout(x) if cfg.dropout > 0 else x                  # (..., in) one mask for adapter and gate
-        g = self.gate_value(x, wx=hz[..., -1:] if fold else None, x_dropped=xd)  # (..., 1) or None
+        gate = self.gate_value(x, wx=hz[..., -1:] if fold else None, x_dropped=xd)  # (..., 1) or None
         lead, x, xd = x.shape[:-1], x.reshape(-1, x.shape[-1]), xd.reshape(-1, x.shape[-1])  # (N, in)
-        if cfg.gate == "token":
-            g = g.reshape(-1, 1)                                         # (N, 1) one value per token
+        if cfg.gate == "token":  # gate: the g(x) the update is scaled by, (N, 1) or () one for all tokens
+            gate = gate.reshape(-1, 1)                                   # (N, 1) one value per token
         else:  # one value for all tokens, so that products with it stay (out,)- or (out, r)-sized
-            g = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=self.lora_A.dtype, device=W0.device)
+            gate = torch.sigmoid(self.gate) if cfg.gate == "static" else torch.ones((), dtype=self.lora_A.dtype, device=W0.device)
         if cfg.method == "hira":
             if cfg.gate != "token" and dt == self.lora_A.dtype:
                 # One matmul with the merged weight W0 * (1 + g BA) instead of two (W0 x and Delta_W x).
                 # Only when the base is as precise as the adapter: in bf16, W0 (1 + BA) would round away
                 # a small BA, so the update is then added as a separate term.
-                out = HiRAMerged.apply(x, W0, bias, g * B, A)
+                out = HiRAMerged.apply(x, W0, bias, gate * B, A)
             else:
-                out = HiRAGated.apply(x, g.to(dt), W0, bias, B, A, self.inference_delta_w())
+                out = HiRAGated.apply(x, gate.to(dt), W0, bias, B, A, self.inference_delta_w())
             return out.view(*lead, -1)
         # g and s are numbers per token, so g s B A x = B (g s A x): they scale the r numbers of A x
         # instead of the `out` numbers of B A x; one value for all tokens scales A (r, in) instead.
         if cfg.gate == "token":
             h = hz[..., :-1].reshape(-1, cfg.rank) if fold else F.linear(xd, A)  # (N, r) A drop(x)
         else:
-            h = F.linear(xd, (g * cfg.scale * self.lora_A).to(dt))      # (N, r) g s A drop(x)
+            h = F.linear(xd, (gate * cfg.scale * self.lora_A).to(dt))      # (N, r) g s A drop(x)
         if cfg.method == "lora":
             out, B_out = self.base(x), B                                 # W0 x + b,  + g s B A drop(x)
         else:
@@ -236,10 +236,10 @@ class AdaptedLinear(nn.Module):
             with torch.no_grad():
                 n = row_norm(torch.addmm(W0.to(self.lora_A.dtype), self.lora_B, self.lora_A, alpha=cfg.scale))  # (out,)
             m_over_n = self.magnitude / n                                # (out,)
-            out = DoRAScaledBase.apply(x, W0, bias, g.to(dt), (m_over_n - 1).to(dt))  # (N, out)
+            out = DoRAScaledBase.apply(x, W0, bias, gate.to(dt), (m_over_n - 1).to(dt))  # (N, out)
             B_out = (m_over_n[:, None] * self.lora_B).to(dt)             # (out, r)
         if cfg.gate == "token":
-            out = LowRankTokenGated.apply(out, h, g.to(dt), B_out, cfg.scale)
+            out = LowRankTokenGated.apply(out, h, gate.to(dt), B_out, cfg.scale)
         else:
             out = add_linear(out, h, B_out)
         return out.view(*lead, -1)
