@@ -219,6 +219,34 @@ def lr_at(step, args, total_steps):
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
 
 
+def write_checkpoint(ckpt_path, log_path, step, model, optimizer, log, metrics, args, device):
+    """ckpt.pt (adapter, optimizer, step, RNG states, log, metrics, flags) and log.jsonl, atomically:
+    a run killed at any moment leaves the last checkpoint whole."""
+    state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
+    if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+    atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+
+
+def resume(ckpt_path, args, model, optimizer, device):
+    """--resume: the adapter, optimizer and RNG states of ckpt_path, refused if its flags differ from
+    these; returns (step, log, metrics) to continue from."""
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    same = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "device", "eval_only")}
+    changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
+    if changed:
+        sys.exit(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or another --out")
+    for k, v in adapter_state_dict(model).items():
+        v.copy_(ckpt["adapter"][k])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"].cpu())
+    if "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
+    return ckpt["step"], ckpt["log"], ckpt["metrics"]
+
+
 # -----------------------------------------------------------------------------
 # the run: set up, load, evaluate before, train, evaluate after, compare
 
@@ -346,30 +374,14 @@ def main(argv=None):
 
     step, log = 0, []
     if args.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        same = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "device", "eval_only")}
-        changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
-        if changed:
-            sys.exit(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or another --out")
-        for k, v in adapter_state_dict(model).items():
-            v.copy_(ckpt["adapter"][k])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"].cpu())
-        if "cuda_rng" in ckpt:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-        step, log, metrics = ckpt["step"], ckpt["log"], ckpt["metrics"]
+        step, log, metrics = resume(ckpt_path, args, model, optimizer, device)
         say(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif args.resume:
         say(f"--resume: no {ckpt_path} yet, starting from scratch")
 
     def save_checkpoint():
         if master:
-            state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
-                     "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
-            if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-            atomic_write(log_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+            write_checkpoint(ckpt_path, log_path, step, model, optimizer, log, metrics, args, device)
 
     def micro_batches(step):
         """This rank's micro-batches of batch `step` (of --grad-accum over all ranks: rank, rank +
