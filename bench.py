@@ -214,17 +214,19 @@ def run_row(row, args):
 
     idx = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
     targets = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
-    model, step = make_step(row)
-    if args.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(args.device)
-        step()
-        peak_mb = torch.cuda.max_memory_allocated(args.device) / 2**20
-    else:
+    def first_step_peak_mb(model, step):  # weights + the most memory a step's tensors hold at once
+        if args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(args.device)
+            step()
+            return torch.cuda.max_memory_allocated(args.device) / 2**20
         weights = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                    for t in [*model.parameters(), *model.buffers()]}  # tied weights counted once
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             step()
-        peak_mb = sum(weights.values()) / 2**20 + peak_allocated_mb(prof)
+        return sum(weights.values()) / 2**20 + peak_allocated_mb(prof)
+
+    model, step = make_step(row)
+    peak_mb = first_step_peak_mb(model, step)
     for _ in range(args.warmup - 1):
         step()
     if args.profile:
@@ -236,7 +238,11 @@ def run_row(row, args):
     ours = (row.removeprefix("peft-") + "/none" if row.startswith("peft-") else  # our step of PEFT's adapter
             row.removeprefix("plain-") if row.startswith("plain-") else None)    # the fused step of a plain row
     partners = [] if row == "base" else ["base"] + ([ours] if ours else [])
-    partner_steps = {p: make_step(p)[1] for p in partners}
+    partner_steps, ours_peak_mb = {}, None
+    for p in partners:
+        partner_model, partner_steps[p] = make_step(p)
+        if p == ours and row.startswith("plain-"):  # the fused step's memory beside the plain one's
+            ours_peak_mb = first_step_peak_mb(partner_model, partner_steps[p])
     for partner_step in partner_steps.values():
         for _ in range(args.warmup):
             partner_step()
@@ -246,7 +252,7 @@ def run_row(row, args):
         for p, partner_step in partner_steps.items():
             partner_times[p].append(timed(partner_step, args.device)[0])
     return dict(row=row, times_s=times, base_times_s=partner_times.get("base", []),
-                ours_times_s=partner_times.get(ours), peak_mb=peak_mb,
+                ours_times_s=partner_times.get(ours), peak_mb=peak_mb, ours_peak_mb=ours_peak_mb,
                 flops=None if row in PEFT + PLAIN else
                 step_flops(row, args.gpt, args.batch, args.seq, args.rank, hira_merges=args.dtype in (torch.float32, torch.float64)))
 
@@ -422,10 +428,11 @@ def main():
           "peak MB: the most tensor memory live at once during a step (weights included), "
           + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "from torch.profiler's allocation events"))
 
-    plain = {name: paired_ratio(r["ours_times_s"], r["times_s"]) for name, r in results.items() if name in PLAIN}
+    plain = {name: r for name, r in results.items() if name in PLAIN}
     if plain:
-        print("the fused step over the plain one (forward_plain, autograd), timed by turns: " +
-              ", ".join(f"{name.removeprefix('plain-')} {ratio:.3f}" for name, ratio in plain.items()))
+        print("the fused step over the plain one (forward_plain, autograd), time (by turns) and peak memory: " +
+              ", ".join(f"{name.removeprefix('plain-')} {paired_ratio(r['ours_times_s'], r['times_s']):.3f} / "
+                        f"{r['ours_peak_mb'] / r['peak_mb']:.3f}" for name, r in plain.items()))
     if "hf-base" in results:
         print("PEFT's rows over transformers' frozen GPT-2 (hf-base): " + ", ".join(
             f"{name} {r['time_over_hf_base']:.3f}" for name, r in results.items() if "time_over_hf_base" in r))
