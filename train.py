@@ -219,6 +219,66 @@ def lr_at(step, args, total_steps):
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
 
 
+def summarize_eval(when, results, tests, metrics, say):
+    """Accuracy over all tasks (with its 95 % interval), the answer / label losses averaged over the
+    tasks and each task's gates into metrics; one line of them, then the gate report, to the log."""
+    n = sum(map(len, tests.values()))
+    text = f"{when}:"
+    for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
+        if next(iter(results.values()))[key] is None:
+            continue
+        acc = sum(r[key] * len(tests[t]) for t, r in results.items()) / n
+        metrics[f"{name}_{when}"], metrics[f"{name}_{when}_95"] = acc, interval95(acc, n)
+        text += f" {key} {acc:.4f}"
+    for k in ("answer", "label"):
+        loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
+        metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
+        text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
+    metrics[f"eval_{when}"] = results
+    say(f"{text} ({n} examples)")
+    for t, r in results.items():
+        for line in gate_report(r["gates"], f"{when} training, {t}" if len(results) > 1 else f"{when} training"):
+            say(line)
+
+
+def micro_batches(idx, encoded, grad_accum, rank, world):
+    """This rank's micro-batches of batch idx (of grad_accum over all ranks: rank, rank + world,
+    ...), the whole batch's numbers of target tokens and of real tokens, and its first example (a
+    stand-in for an empty micro-batch). The loss is normalised by the whole batch's counts, so any
+    cut and any number of processes give the same gradient."""
+    size = math.ceil(len(idx) / grad_accum)
+    micro = [idx[i * size:(i + 1) * size] for i in range(grad_accum)][rank::world]
+    n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
+    return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx), idx[:1]
+
+
+def training_seconds(forward_backward, optimizer, encoded, batches, args, world):
+    """About how long one epoch of `batches` takes: a forward and backward (no update) of median-length
+    and of 90th-percentile-length examples is timed (each the second time: the first touches new
+    memory), which gives seconds = fixed + per_token * padded tokens for each micro-batch. RNG and
+    gradients are left as they were."""
+    size = math.ceil(args.batch_size / args.grad_accum)
+
+    def tokens(mb):  # padded tokens of a micro-batch
+        return len(mb) * max(len(encoded[i][0]) for i in mb)
+
+    def timed(mb):
+        with torch.random.fork_rng():
+            for _ in range(2):
+                t = time.time()
+                forward_backward(mb, sum(y != -100 for i in mb for y in encoded[i][1][1:]) or 1,
+                                 sum(len(encoded[i][0]) for i in mb))
+                t = time.time() - t
+        optimizer.zero_grad(set_to_none=True)
+        return t
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    short, long = (by_length[int(q * len(encoded)):][:size] for q in (0.5, 0.9))
+    t_short, t_long = timed(short), timed(long)
+    per_token = max(t_long - t_short, 0) / max(tokens(long) - tokens(short), 1)
+    micro = [b[i:i + size] for b in batches for i in range(0, len(b), size)]
+    return sum(t_short + per_token * (tokens(mb) - tokens(short)) for mb in micro) / world
+
+
 def write_checkpoint(ckpt_path, log_path, step, model, optimizer, log, metrics, args, device):
     """ckpt.pt (adapter, optimizer, step, RNG states, log, metrics, flags) and log.jsonl, atomically:
     a run killed at any moment leaves the last checkpoint whole."""
@@ -299,25 +359,9 @@ def main(argv=None):
                 write_page(os.path.join(args.out, when, t, "gates.html"),
                            gate_page(title, recorder, tok, [items[n][0] for n in sorted(recorder.kept)], preds))
                 say(f"wrote {os.path.join(args.out, when, t, 'gates.html')}")
-        if when == "during":
-            return results
-        n = metrics["n_eval"]
-        text = f"{when}:"
-        for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
-            if results[eval_tasks[0]][key] is None:
-                continue
-            acc = sum(r[key] * len(tests[t]) for t, r in results.items()) / n
-            metrics[f"{name}_{when}"], metrics[f"{name}_{when}_95"] = acc, interval95(acc, n)
-            text += f" {key} {acc:.4f}"
-        for k in ("answer", "label"):  # averaged over the tasks
-            loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
-            metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
-            text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
-        metrics[f"eval_{when}"] = results
-        say(f"{text} ({n} examples)")
-        for t, r in results.items():
-            for line in gate_report(r["gates"], f"{when} training, {t}" if len(results) > 1 else f"{when} training"):
-                say(line)
+        if when != "during":
+            summarize_eval(when, results, tests, metrics, say)
+        return results
 
     t_start = time.time()
     if args.eval_only and args.prompt is not None:
@@ -383,17 +427,6 @@ def main(argv=None):
         if master:
             write_checkpoint(ckpt_path, log_path, step, model, optimizer, log, metrics, args, device)
 
-    def micro_batches(step):
-        """This rank's micro-batches of batch `step` (of --grad-accum over all ranks: rank, rank +
-        world, ...), the whole batch's numbers of target tokens and of real tokens, and its first example
-        (a stand-in for an empty micro-batch). The loss is normalised by the whole batch's counts, so
-        any cut and any number of processes give the same gradient."""
-        idx = batches_of_epoch(step // steps_per_epoch)[step % steps_per_epoch]
-        size = math.ceil(len(idx) / args.grad_accum)
-        micro = [idx[i * size:(i + 1) * size] for i in range(args.grad_accum)][rank::world]
-        n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
-        return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx), idx[:1]
-
     def forward_backward(mb, n_targets, n_real, weight=1.0, recorder=None):
         """Forward and backward of micro-batch mb (example indices). Its loss is its share of the whole
         batch's means: summed over its tokens, divided by the batch's counts (x world: DDP averages the
@@ -415,35 +448,9 @@ def main(argv=None):
             recorder.add(torch.where(labels != -100, 1, torch.where(mask.bool(), 0, -1)), ids)  # (B, T)
         return weight * torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()])
 
-    def training_seconds():
-        """About how long the training takes: a forward and backward (no update) of median-length and of
-        90th-percentile-length examples is timed (each the second time: the first touches new memory),
-        which gives seconds = fixed + per_token * padded tokens for each micro-batch of an epoch.
-        RNG and gradients are left as they were."""
-        size = math.ceil(args.batch_size / args.grad_accum)
-
-        def tokens(mb):  # padded tokens of a micro-batch
-            return len(mb) * max(len(encoded[i][0]) for i in mb)
-
-        def timed(mb):
-            with torch.random.fork_rng():
-                for _ in range(2):
-                    t = time.time()
-                    forward_backward(mb, sum(y != -100 for i in mb for y in encoded[i][1][1:]) or 1,
-                                     sum(len(encoded[i][0]) for i in mb))
-                    t = time.time() - t
-            optimizer.zero_grad(set_to_none=True)
-            return t
-        by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-        short, long = (by_length[int(q * len(encoded)):][:size] for q in (0.5, 0.9))
-        t_short, t_long = timed(short), timed(long)
-        per_token = max(t_long - t_short, 0) / max(tokens(long) - tokens(short), 1)
-        micro = [b[i:i + size] for b in batches_of_epoch(0) for i in range(0, len(b), size)]
-        epoch = sum(t_short + per_token * (tokens(mb) - tokens(short)) for mb in micro)
-        return epoch * total_steps / steps_per_epoch / world
-
     if step == 0:
-        train_s = training_seconds()
+        train_s = training_seconds(forward_backward, optimizer, encoded, batches_of_epoch(0), args, world) * \
+            total_steps / steps_per_epoch
         say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones)" +
             (f"; with the evaluation after it (as long as the one before, {hms(eval_s)}) about "
              f"{hms(train_s + eval_s)} to go" if eval_s else ""))
@@ -460,7 +467,8 @@ def main(argv=None):
         lr = lr_at(step, args, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro, n_targets, n_real, first = micro_batches(step)
+        batch = batches_of_epoch(step // steps_per_epoch)[step % steps_per_epoch]
+        micro, n_targets, n_real, first = micro_batches(batch, encoded, args.grad_accum, rank, world)
         stats = torch.zeros(3, device=device)  # summed task loss, summed entropy, real tokens
         logging = step + 1 in (1, total_steps) or (step + 1) % args.log_interval == 0
         recorder = GateRecorder(model) if logging else None
