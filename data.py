@@ -431,10 +431,11 @@ def fetch(rel, data_dir=None):
             raise FileNotFoundError(f"{file} not found: --data-dir must hold the LLM-Adapters layout, "
                                     f"put {URL}/{rel} there")
         data = file.read_bytes()
-        if git_blob(data) != BLOBS[rel] and str(file) not in WARNED:  # your own data: validated, not refused
+        blob = git_blob(data)
+        if blob != BLOBS[rel] and str(file) not in WARNED:  # your own data: validated, not refused
             WARNED.add(str(file))
             print(f"warning: {file} is not the pinned {rel} of LLM-Adapters {COMMIT[:12]} (git blob "
-                  f"{git_blob(data)}, pinned {BLOBS[rel]}): using it as your own data, checked example by "
+                  f"{blob}, pinned {BLOBS[rel]}): using it as your own data, checked example by "
                   f"example; results on it are not comparable with the papers'", file=sys.stderr)
         return data, str(file)
     shipped = SHIPPED / f"{rel}.xz"

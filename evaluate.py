@@ -301,25 +301,26 @@ def generate_labels(model, tok, task, batch, device, recorder=None, offset=0):
 def generate_text(model, tok, prompt, max_new_tokens, temperature, top_k, device, recorder=None):
     """Continues prompt, printing the text as it comes (greedy at temperature 0); returns the new ids."""
     ids = torch.tensor([tok.encode(prompt, bos=tok.add_bos)], device=device)       # (1, T)
+    record = recorder.on_step({0: 0}) if recorder else None
     new, shown = [], ""
     print(prompt, end="", flush=True)
 
     def step(fed, real, nxt):
         nonlocal shown
-        if recorder:
+        if record:
             record(fed, real, nxt)
-        new.append(nxt.item())
-        text = tok.decode(new[:-1] if new[-1] == tok.eos_id else new)
+        if nxt.item() != tok.eos_id:  # once EOS comes, generate stops (a batch of one)
+            new.append(nxt.item())
+        text = tok.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a character split over tokens
             print(text[len(shown):], end="", flush=True)
             shown = text
-    record = recorder.on_step({0: 0}) if recorder else None
     was_training = model.training
     model.eval()
     model.generate(ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_id, on_step=step)
     model.train(was_training)
     print(flush=True)
-    return new[:-1] if new and new[-1] == tok.eos_id else new
+    return new
 
 
 # -----------------------------------------------------------------------------

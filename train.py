@@ -335,6 +335,11 @@ def main(argv=None):
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
         f"{args.format} format")
 
+    if args.eval_only and args.prompt is not None:
+        return generate_from_prompt(args, model, tok, device, what)
+    if args.export_peft or args.merge_to:
+        return export_adapter(args, model)
+
     eval_tasks, tests = load_tests(args)
     os.makedirs(args.out, exist_ok=True)
     metrics = {"task": args.task, "model": args.model, "method": args.method, "gate": args.gate,
@@ -343,11 +348,12 @@ def main(argv=None):
     predictions = {}  # (when, task) -> predictions
 
     def run_eval(when):
-        """Scores every test task; writes <out>/<when>/<task>/predictions.jsonl (and gates.html with
-        --visualize) and puts accuracy and gates into metrics (a "during" evaluation: the log)."""
+        """Scores every test task. "before" and "after" write <out>/<when>/<task>/predictions.jsonl
+        (and gates.html with --visualize) and put accuracy and gates into metrics; "during" (every
+        --eval-interval steps) only returns the results, for the log."""
         results = {}
         for t, items in tests.items():
-            recorder = GateRecorder(model, keep=args.visualize)
+            recorder = GateRecorder(model, keep=0 if when == "during" else args.visualize)
             results[t], preds = evaluate(model, tok, t, items, args.format, args.eval, args.eval_batch_size,
                                          device, recorder)
             if when == "during":
@@ -364,10 +370,6 @@ def main(argv=None):
         return results
 
     t_start = time.time()
-    if args.eval_only and args.prompt is not None:
-        return generate_from_prompt(args, model, tok, device, what)
-    if args.export_peft or args.merge_to:
-        return export_adapter(args, model)
     if args.eval_only:
         run_eval("after")
         metrics["wall_s"] = time.time() - t_start
