@@ -1,5 +1,5 @@
 """
-What each adapter and the gate cost: one training step (forward, backward, AdamW step) of a
+An extra: what each adapter and the gate cost: one training step (forward, backward, AdamW step) of a
 GPT-2-124M-shaped model with random weights, for the frozen base alone and for LoRA, DoRA and HiRA
 with gate none, static and token, beside the arithmetic floor of each; then KV-cache generation.
 With peft and transformers installed, also transformers' GPT-2 of the same shape, frozen (hf-base),
@@ -17,7 +17,7 @@ fused default of the same adapter: what the fast paths save, in time and in peak
     python bench.py --rows base,plain-lora/token,plain-dora/token,plain-hira/token   # fused / plain
 
 Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
-Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's targets),
+Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's target modules),
 alpha 64, no dropout. The frozen base runs forward and backward to its inputs (the token embeddings
 get requires_grad) with no trainable parameter; every adapter row runs that same backward, so that
 two rows differ only by the adapter.
@@ -38,7 +38,8 @@ An adapted linear adds (r = rank):
 Elementwise work (norms, GELU, softmax, the gate's products, AdamW) is not counted: it moves memory
 rather than multiplying. time/base beside FLOPs/base shows what a row costs beyond its arithmetic.
 
-Start reading at main(); each row runs in run_child -> run_row (or run_dtypes, run_generation).
+Start reading at main(); each row runs in run_child -> run_row (or run_dtypes, run_generation);
+the run ends with goals (pass / fail limits on the ratios) and writes them into bench.json.
 """
 
 import argparse
@@ -53,6 +54,7 @@ from importlib.util import find_spec
 import torch
 import torch.nn.functional as F
 
+from files import write_json
 from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
 
@@ -118,8 +120,8 @@ def step_flops(row, c, B, T, r, hira_merges=True):
         return flops
     method, gate = row.split("/")
     merged = method == "hira" and gate != "token" and hira_merges
-    for target in GateRAConfig().targets:
-        fan_in, fan_out = shapes[target]
+    for module in GateRAConfig().target_modules:
+        fan_in, fan_out = shapes[module]
         if method == "hira":
             extra = (1 if merged else 3) * unit(fan_in, fan_out) + 3 * 2 * fan_out * r * fan_in
         else:
@@ -157,7 +159,7 @@ def build(row, args):
     model = GPT(args.gpt).to(args.device, args.dtype).requires_grad_(False)
     if row != "base":
         method, gate = row.removeprefix("plain-").split("/")
-        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank,
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank, dropout=0.0,
                                          fused=not row.startswith("plain-")))
         with torch.no_grad():
             for _, layer in adapted_layers(model):
@@ -205,7 +207,7 @@ def run_row(row, args):
         optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
         def step():
-            loss = F.cross_entropy(logits_of(idx).flatten(0, 1).float(), targets.flatten())
+            loss = F.cross_entropy(logits_of(idx).flatten(0, 1).float(), loss_targets.flatten())
             loss.backward()
             if optimizer is not None:
                 optimizer.step()
@@ -213,7 +215,7 @@ def run_row(row, args):
         return model, step
 
     idx = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
-    targets = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
+    loss_targets = torch.randint(args.gpt.vocab_size, (args.batch, args.seq), device=args.device)
     def first_step_peak_mb(model, step):  # weights + the most memory a step's tensors hold at once
         if args.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(args.device)
@@ -268,20 +270,20 @@ def run_dtypes(row, args):
     idx = torch.randint(config.vocab_size, (B, T), device=args.device)
     at = torch.zeros(B, T, dtype=torch.bool, device=args.device)
     at[:, T // 2:-1] = True                                              # positions whose next token is a target
-    targets = idx[:, 1:][at[:, :-1]]
+    loss_targets = idx[:, 1:][at[:, :-1]]
     method, gate = ("lora", "none") if row == "smollm2-lora" else ("hira", "token")
     steps = {}
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         model = GPT(config).to(args.device, dtype).requires_grad_(False)
-        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank))
+        apply_gatera(model, GateRAConfig(method=method, gate=gate, rank=args.rank, alpha=2 * args.rank, dropout=0.0))
         with torch.no_grad():
             for _, layer in adapted_layers(model):
                 layer.lora_B.normal_(std=0.01)  # a non-zero update, as after some training
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
-            F.cross_entropy(model(idx, logits_at=at).float(), targets).backward()
+            F.cross_entropy(model(idx, logits_at=at).float(), loss_targets).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[dtype] = step
@@ -351,25 +353,16 @@ def paired_ratio(times, other_times):
     return statistics.median(t / o for t, o in zip(times, other_times))
 
 
-def check(targets, label, value, limit, at_least=False):
-    """Record and print one target: value <= limit (value >= limit when at_least)."""
+def check(goals, label, value, limit, at_least=False):
+    """Record and print one goal: value <= limit (value >= limit when at_least)."""
     met = value >= limit if at_least else value <= limit
-    targets.append(dict(target=label, value=round(value, 3), limit=limit, at_least=at_least, met=met))
+    goals.append(dict(goal=label, value=round(value, 3), limit=limit, at_least=at_least, met=met))
     print(f"  {'met   ' if met else 'MISSED'} {label}: {value:.3f} ({'>=' if at_least else '<='} {limit:g})")
 
 
-def main():
-    args = parse_args()
-    if args.child and args.profile:
-        run_row(args.child, args)
-        return
-    if args.child:
-        run = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
-        print(json.dumps(run(args) if args.child == "generate" else run(args.child, args)))
-        return
-    if args.profile:
-        run_child(args.profile, capture=False)
-        return
+def choose_rows(args):
+    """The rows to run (--rows, else every row; the PEFT rows only with peft and transformers installed),
+    after a header that says the settings."""
     have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
     every = OURS + PLAIN + PEFT + DTYPES + ["generate"]
     rows = [r for r in every if have_peft or r not in PEFT]
@@ -379,31 +372,30 @@ def main():
         if unknown:
             raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(every)}")
     print(f"GPT-2-124M shape with {args.layers} layers (768 wide, 12 heads, vocab 50257), batch {args.batch} x "
-          f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
-    print(f"adapters: rank {args.rank} on {', '.join(GateRAConfig().targets)}, alpha {2 * args.rank}, no dropout")
+          f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
+    print(f"adapters: rank {args.rank} on {', '.join(GateRAConfig().target_modules)}, alpha {2 * args.rank}, "
+          "no dropout")
     if not have_peft:
         print("peft or transformers is not installed: no PEFT rows (pip install peft)")
+    return rows
+
+
+def add_ratios(results, args):
+    """Each step row's median time, spread, FLOPs, TFLOP/s and MFU, and its time, FLOPs and peak memory
+    over the base's; PEFT's rows also over transformers' frozen GPT-2 (hf-base)."""
     peak = args.peak_tflops
     if peak is None and args.device.type == "cuda":
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(args.device)), None)
-
-    results = {}
-    for row in rows:
-        print(f"  running {row} ...", file=sys.stderr, flush=True)
-        results[row] = run_child(row)
-    generation = results.pop("generate", None)
-    dtype_rows = {row: results.pop(row) for row in DTYPES if row in results}
     base = results.get("base")
     for r in results.values():
         r["median_s"] = statistics.median(r["times_s"])
         r["spread"] = (max(r["times_s"]) - min(r["times_s"])) / r["median_s"]
+        r["time_ratio"] = paired_ratio(r["times_s"], r["base_times_s"]) if r["base_times_s"] else 1.0
         if r["flops"]:
             r["gflop"] = r["flops"] / 1e9
             r["tflops_per_s"] = r["flops"] / r["median_s"] / 1e12
             r["mfu"] = r["tflops_per_s"] / peak if peak else None
-        r["time_ratio"] = paired_ratio(r["times_s"], r["base_times_s"]) if r["base_times_s"] else 1.0
-        if r["flops"]:
             r["flop_ratio"] = r["flops"] / step_flops("base", args.gpt, args.batch, args.seq, args.rank)
             r["excess"] = r["time_ratio"] / r["flop_ratio"]  # the cost beyond the arithmetic
         if base:
@@ -413,6 +405,9 @@ def main():
             if name in results:
                 results[name]["time_over_hf_base"] = results[name]["time_ratio"] / results["hf-base"]["time_ratio"]
 
+
+def print_table(results, args):
+    """The table of the step rows, then the fused steps over the plain ones and PEFT's over hf-base."""
     columns = [("step ms", "median_s", 1e3, ".0f"), ("spread", "spread", 1, ".1%"), ("GFLOP", "gflop", 1, ".0f"),
                ("TFLOP/s", "tflops_per_s", 1, ".3f"), ("MFU", "mfu", 1, ".1%"), ("time/base", "time_ratio", 1, ".3f"),
                ("FLOPs/base", "flop_ratio", 1, ".3f"), ("excess", "excess", 1, ".3f"),
@@ -426,8 +421,8 @@ def main():
           "base step timed right after it, in the same process; hf-base and PEFT rows too are over OUR base);\n"
           "excess: time/base over FLOPs/base;\n"
           "peak MB: the most tensor memory live at once during a step (weights included), "
-          + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda" else "from torch.profiler's allocation events"))
-
+          + ("torch.cuda.max_memory_allocated" if args.device.type == "cuda"
+             else "from torch.profiler's allocation events"))
     plain = {name: r for name, r in results.items() if name in PLAIN}
     if plain:
         print("the fused step over the plain one (forward_plain, autograd), time (by turns) and peak memory: " +
@@ -437,34 +432,42 @@ def main():
         print("PEFT's rows over transformers' frozen GPT-2 (hf-base): " + ", ".join(
             f"{name} {r['time_over_hf_base']:.3f}" for name, r in results.items() if "time_over_hf_base" in r))
 
-    targets = []
-    print("\ntargets:")
+
+def check_step_goals(results, goals):
+    """The goals of the training steps: what each adapter costs beyond its arithmetic and in memory,
+    a token gate over none, DoRA over LoRA, ours against PEFT's."""
     for name in OURS[1:]:
         if name in results:
-            check(targets, f"{name} time/base over FLOPs/base", results[name]["excess"], 1.10)
-    if base:
+            check(goals, f"{name} time/base over FLOPs/base", results[name]["excess"], 1.10)
+    if "base" in results:
         for name in OURS[1:]:
             if name in results:
-                check(targets, f"{name} peak memory / base's", results[name]["mem_ratio"], 1.20)
+                check(goals, f"{name} peak memory / base's", results[name]["mem_ratio"], 1.20)
     for m in ("lora", "dora"):
         if f"{m}/none" in results and f"{m}/token" in results:
-            check(targets, f"{m}: gate token / gate none time", results[f"{m}/token"]["time_ratio"] / results[f"{m}/none"]["time_ratio"], 1.05)
+            check(goals, f"{m}: gate token / gate none time",
+                  results[f"{m}/token"]["time_ratio"] / results[f"{m}/none"]["time_ratio"], 1.05)
     for g in ("none", "static", "token"):
         if f"dora/{g}" in results and f"lora/{g}" in results:
-            check(targets, f"dora/{g} / lora/{g} time", results[f"dora/{g}"]["time_ratio"] / results[f"lora/{g}"]["time_ratio"], 1.15)
+            check(goals, f"dora/{g} / lora/{g} time",
+                  results[f"dora/{g}"]["time_ratio"] / results[f"lora/{g}"]["time_ratio"], 1.15)
     for m, limit in (("lora", 0.90), ("dora", 0.90), ("hira", 1.0)):
         ours, theirs = results.get(f"{m}/none"), results.get(f"peft-{m}")
         if theirs:  # our steps and PEFT's, timed by turns in the PEFT row's process
-            check(targets, f"{m}/none time / PEFT {m}'s", paired_ratio(theirs["ours_times_s"], theirs["times_s"]), limit)
+            check(goals, f"{m}/none time / PEFT {m}'s", paired_ratio(theirs["ours_times_s"], theirs["times_s"]), limit)
         if ours and theirs:
-            check(targets, f"{m}/none peak memory / PEFT {m}'s", ours["peak_mb"] / theirs["peak_mb"], 1.0)
+            check(goals, f"{m}/none peak memory / PEFT {m}'s", ours["peak_mb"] / theirs["peak_mb"], 1.0)
+
+
+def check_other_goals(dtype_rows, generation, args, goals):
+    """The bf16 base against the fp32 one (smollm2-*), and KV-cache generation against recomputing."""
     for name, r in dtype_rows.items():
         r["bf16_over_fp32"] = paired_ratio(r["bf16_times_s"], r["fp32_times_s"])
         fp32_ms, bf16_ms = (1e3 * statistics.median(r[k]) for k in ("fp32_times_s", "bf16_times_s"))
         print(f"\n{name}: SmolLM2-135M's shape, a training step of {r['tokens']} tokens: fp32 base {fp32_ms:.0f} ms "
-              f"({r['tokens'] / fp32_ms * 1e3:.0f} tok/s), bf16 base {bf16_ms:.0f} ms ({r['tokens'] / bf16_ms * 1e3:.0f} tok/s); "
-              f"bf16 / fp32 paired {r['bf16_over_fp32']:.3f}")
-        check(targets, f"{name}: bf16 step / fp32 step", r["bf16_over_fp32"], 0.5)
+              f"({r['tokens'] / fp32_ms * 1e3:.0f} tok/s), bf16 base {bf16_ms:.0f} ms "
+              f"({r['tokens'] / bf16_ms * 1e3:.0f} tok/s); bf16 / fp32 paired {r['bf16_over_fp32']:.3f}")
+        check(goals, f"{name}: bf16 step / fp32 step", r["bf16_over_fp32"], 0.5)
     if generation:
         generation["speedup"] = generation["cache_tokens_per_s"] / generation["no_cache_tokens_per_s"]
         print(f"\ngeneration, batch 1, {args.new} new tokens after a {args.prompt}-token prompt (frozen base):\n"
@@ -474,18 +477,41 @@ def main():
               f"  GateRA (HiRA, token gate) with the KV cache: {generation['gatera_cache_tokens_per_s']:.1f} tokens/s, "
               f"keeping W0 * BA of every adapted layer in the base's dtype: {generation['gatera_kept_mb']:.0f} MB "
               f"(the frozen model: {generation['frozen_mb']:.0f} MB)")
-        check(targets, "KV-cache generation speedup over recomputing", generation["speedup"], 5.0, at_least=True)
+        check(goals, "KV-cache generation speedup over recomputing", generation["speedup"], 5.0, at_least=True)
+
+
+def main():
+    args = parse_args()
+    if args.child:  # one row, in this fresh process: its JSON on stdout (or, with --profile, the table)
+        run = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
+        result = run(args) if args.child == "generate" else run(args.child, args)
+        if not args.profile:
+            print(json.dumps(result))
+        return
+    if args.profile:
+        run_child(args.profile, capture=False)
+        return
+    rows = choose_rows(args)
+    results = {}
+    for row in rows:  # each in its own process
+        print(f"  running {row} ...", file=sys.stderr, flush=True)
+        results[row] = run_child(row)
+    generation = results.pop("generate", None)
+    dtype_rows = {row: results.pop(row) for row in DTYPES if row in results}
+    add_ratios(results, args)
+    print_table(results, args)
+    goals = []
+    print("\ngoals:")
+    check_step_goals(results, goals)
+    check_other_goals(dtype_rows, generation, args, goals)
 
     settings = {k: v if isinstance(v, (int, float, str, type(None))) else str(v)
                 for k, v in vars(args).items() if k not in ("child", "profile", "gpt")}
-    report = dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(), rows=results,
-                  dtypes=dtype_rows, generation=generation, targets=targets)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, args.out)
-    missed = [t["target"] for t in targets if not t["met"]]
-    print(f"\nwrote {args.out}; {len(missed)} of {len(targets)} targets missed" + (": " + "; ".join(missed) if missed else ""))
+    write_json(args.out, dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(),
+                              rows=results, dtypes=dtype_rows, generation=generation, goals=goals))
+    missed = [g["goal"] for g in goals if not g["met"]]
+    print(f"\nwrote {args.out}; {len(missed)} of {len(goals)} goals missed" +
+          (": " + "; ".join(missed) if missed else ""))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Data for GateRA: tokenizers, and the eight commonsense-reasoning tasks of LLM-Adapters (the
+Data for GateRA: the eight commonsense-reasoning tasks of LLM-Adapters (the
 benchmark of the DoRA, HiRA and GateRA papers) in two forms: the papers' label format (their
 prompts, loss masks and answer extraction) and lm-eval-harness's cloze form (each choice's text
 after a short context), with batching for both.
@@ -13,9 +13,8 @@ default run needs no network; the other tasks are downloaded once into a cache. 
 one is taken as your own data in the same format: a warning, then every example is validated.
 
 Start reading at load_task (fetch, then parse_examples), then the prompts (eval_prompt,
-train_prompt) and the cloze pairs (cloze_choices, encode_pair); the tokenizer is at the top.
+train_prompt) and the cloze pairs (cloze_choices, encode_pair). The tokenizer is tokenizer.py's.
 """
-import base64
 import hashlib
 import http.client
 import json
@@ -27,283 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import tiktoken
 import torch
-
-# -----------------------------------------------------------------------------
-# tokenizers: a checkpoint's own byte-level BPE, run by tiktoken
-#
-# load_tokenizer(name_or_path) reads the tokenizer files a checkpoint ships and builds one
-# tiktoken.Encoding from them (mergeable ranks, split regex, special tokens); nothing else is
-# downloaded. Four sources, all byte-level BPE: GPT-2's vocab.json + merges.txt (also named
-# encoder.json + vocab.bpe); a Hugging Face tokenizer.json of type BPE with a ByteLevel
-# pre-tokenizer (GPT-2, SmolLM2, Llama 3); Llama 3's tiktoken file original/tokenizer.model; the
-# vocabulary and merges inside a .gguf file (needs the optional `gguf` package).
-
-# split regexes: text is cut into pieces by one regex, then BPE runs inside each piece
-
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# SmolLM2 (a StarCoder-style tokenizer) first cuts out every digit on its own, then applies GPT-2's
-# regex to the text between digits. As one regex: a digit is a piece, and a whitespace run also
-# counts as "last in its piece" when a digit follows it, so (?!\S) becomes (?![^\s\p{N}]).
-DIGITS_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
-                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-GGUF_SPLITS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_GPT2_SPLIT, "starcoder": DIGITS_GPT2_SPLIT,
-               "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT}  # tokenizer.ggml.pre
-
-# Llama 3's 256 special tokens follow its 128,000 ranks (names as in Meta's Llama 3.1+ tokenizer)
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
-                   "<|python_tag|>", "<|image|>"] + [f"<|reserved_special_token_{i}|>" for i in range(2, 246)]
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "original/tokenizer.model"]  # fetched for a Hub id
-SUPPORTED = ("supported are byte-level BPE tokenizers: GPT-2's vocab.json + merges.txt, a tokenizer.json "
-             "with a BPE model and a ByteLevel pre-tokenizer (GPT-2, SmolLM2, Llama 3), Llama 3's tiktoken "
-             "original/tokenizer.model, or a .gguf file whose tokenizer.ggml.model is 'gpt2'")
-
-
-def _gpt2_byte_chars():
-    """GPT-2's printable stand-in character for each byte 0..255; byte-level vocabularies spell tokens with these."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    moved = [b for b in range(256) if b not in keep]  # control bytes and spaces move to chr(256), chr(257), ...
-    chars = {b: chr(b) for b in keep} | {b: chr(256 + n) for n, b in enumerate(moved)}
-    return [chars[b] for b in range(256)]
-
-
-BYTE_CHARS = _gpt2_byte_chars()
-
-# -----------------------------------------------------------------------------
-
-
-class Tokenizer:
-    """Byte-level BPE on a tiktoken.Encoding (self.enc), speaking the checkpoint's own token ids.
-
-    tiktoken works in ranks (merge priority) while a checkpoint's ids need not be ranks: SmolLM2
-    puts 17 special tokens at ids 0-16 and its single bytes in alphabet order. So encode maps
-    rank -> id and decode maps id -> rank.
-    encode() makes special tokens only when asked (bos=, eos=): special-token text inside the input,
-    e.g. "<|endoftext|>", is encoded as ordinary text (tiktoken's disallowed_special=()), so data
-    cannot inject control tokens. Added tokens that are not special (tokenizer.json "special": false,
-    GGUF USER_DEFINED) are matched in the text, as Hugging Face does.
-    """
-
-    def __init__(self, name, pattern, tokens, specials, matched=frozenset(), bos_id=None, eos_id=None, pad_id=None,
-                 add_bos=False):
-        """tokens: (bytes, id) pairs in merge-priority order; specials: token text -> id.
-        id None marks a byte the vocabulary lacks (SmolLM2 lacks 21, e.g. the control character
-        \x04): encode drops it, as Hugging Face does, but Hugging Face then lets its neighbours
-        in the same piece merge and we do not, so such rare text can get other ids."""
-        ranks, self._id = {}, []  # token bytes -> rank, rank -> id
-        for piece, i in tokens:
-            if piece not in ranks:  # a later merge rule can rebuild an existing token: keep its first rank
-                ranks[piece] = len(self._id)
-                self._id.append(i)
-        special_ranks = {text: len(self._id) + k for k, text in enumerate(specials)}
-        self._id += list(specials.values())
-        self._rank = {}
-        for r, i in enumerate(self._id):
-            if i is not None:
-                self._rank.setdefault(i, r)
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ranks)
-        self.name, self.matched = name, set(matched)
-        self.vocab_size = max(self._rank) + 1
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.add_bos = add_bos and bos_id is not None  # the checkpoint's own habit: Llama 3 yes, GPT-2/SmolLM2 no
-        self.pad_id = pad_id if pad_id is not None else eos_id  # a real id to pad with
-        if self.pad_id is None:
-            raise ValueError(f"{name}: found no eos or pad token; name one as eos_token in tokenizer_config.json")
-
-    def encode(self, text, bos=False, eos=False):
-        """text -> list of token ids, with the BOS / EOS id around it when asked."""
-        for wanted, i, what in ((bos, self.bos_id, "BOS"), (eos, self.eos_id, "EOS")):
-            if wanted and i is None:
-                raise ValueError(f"{self.name} has no {what} token; call encode(..., {what.lower()}=False)")
-        ranks = self.enc.encode(text, allowed_special=self.matched, disallowed_special=())
-        ids = [i for r in ranks if (i := self._id[r]) is not None]
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
-
-    def decode(self, ids):
-        """token ids -> text (invalid UTF-8, e.g. half a character, becomes U+FFFD, as in Hugging Face)."""
-        try:
-            ranks = [self._rank[int(i)] for i in ids]
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in the vocabulary of {self.name}") from None
-        return self.enc.decode(ranks)
-
-    def token_bytes(self, i):
-        """The bytes of one token id (a piece of a character, possibly: see visualize.piece_text)."""
-        if int(i) not in self._rank:
-            raise ValueError(f"token id {i} is not in the vocabulary of {self.name}")
-        return self.enc.decode_single_token_bytes(self._rank[int(i)])
-
-
-# -----------------------------------------------------------------------------
-# loaders
-
-
-def load_tokenizer(name_or_path):
-    """A Tokenizer from a checkpoint directory, a tokenizer file, a .gguf file or a Hugging Face Hub id.
-    In a directory the first found wins: tokenizer.json, vocab.json, encoder.json, tokenizer.model,
-    original/tokenizer.model, a .gguf."""
-    path = Path(name_or_path)
-    if not path.exists():  # a Hub id: model.py owns downloading
-        from model import checkpoint_files
-        path = Path(checkpoint_files(str(name_or_path), allow_patterns=TOKENIZER_FILES))
-    if path.is_dir():
-        names = ["tokenizer.json", "vocab.json", "encoder.json", "tokenizer.model", "original/tokenizer.model"]
-        found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("*.gguf"))
-        if not found:
-            raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(names)} or a .gguf; {SUPPORTED}")
-        path = found[0]
-    if path.suffix == ".gguf":
-        return _from_gguf(path)
-    if path.name == "tokenizer.json":
-        return _from_tokenizer_json(path)
-    if path.name in ("vocab.json", "encoder.json"):
-        return _from_gpt2_files(path)
-    if path.name == "tokenizer.model":
-        return _from_tiktoken_file(path)
-    raise ValueError(f"{path} is not a tokenizer file this project reads; {SUPPORTED}")
-
-
-def _byte_level_bpe(name, pattern, vocab, merges, specials, matched=(), bos_id=None, eos_id=None, pad_id=None,
-                    add_bos=False):
-    """A Tokenizer from Hugging Face style byte-level BPE: vocab (token string -> id) and merge rules.
-
-    tiktoken merges the adjacent pair whose joined bytes have the lowest rank; Hugging Face applies
-    the merge rule with the lowest index. Giving the token made by merge rule i the rank 256 + i
-    (after the 256 single bytes, whose ranks never matter) makes both choose the same merges.
-    """
-    byte_of = {c: b for b, c in enumerate(BYTE_CHARS)}
-    if not all(c in byte_of for a, b in merges for c in a + b):
-        raise ValueError(f"{name}: merges use characters outside GPT-2's byte alphabet, so this is not "
-                         f"byte-level BPE; {SUPPORTED}")
-    lost = [a + b for a, b in merges if a + b not in vocab]
-    if lost:
-        raise ValueError(f"{name}: {len(lost)} merge results are not in the vocabulary, e.g. {lost[0]!r}")
-    # single bytes in id order (then GPT-2's ranks equal its ids), bytes missing from the vocabulary last
-    singles = sorted(range(256), key=lambda b: vocab.get(BYTE_CHARS[b], float("inf")))
-    tokens = [(bytes([b]), vocab.get(BYTE_CHARS[b])) for b in singles]
-    tokens += [(bytes(byte_of[c] for c in a + b), vocab[a + b]) for a, b in merges]
-    return Tokenizer(name, pattern, tokens, specials, matched, bos_id, eos_id, pad_id, add_bos)
-
-
-def _configured_specials(folder, token_ids, add_bos=False):
-    """(bos, eos, pad) ids named in tokenizer_config.json / special_tokens_map.json, else GPT-2's <|endoftext|>,
-    and whether BOS is prepended (tokenizer_config.json's add_bos_token, else add_bos)."""
-    names = {}
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
-        if (folder / file).is_file():
-            config = json.loads((folder / file).read_text(encoding="utf-8"))
-            for key in ("bos_token", "eos_token", "pad_token"):
-                if key in config:  # null means none
-                    token = config[key]
-                    names[key] = token.get("content") if isinstance(token, dict) else token
-            add_bos = config.get("add_bos_token", add_bos)
-    default = "<|endoftext|>"
-    return (token_ids.get(names.get("bos_token", default)), token_ids.get(names.get("eos_token", default)),
-            token_ids.get(names.get("pad_token")), add_bos)
-
-
-def _from_gpt2_files(vocab_path):
-    """GPT-2's vocab.json + merges.txt (OpenAI's names: encoder.json + vocab.bpe)."""
-    merges_path = vocab_path.with_name("merges.txt" if vocab_path.name == "vocab.json" else "vocab.bpe")
-    if not merges_path.is_file():
-        raise FileNotFoundError(f"{merges_path} not found: {vocab_path.name} needs the merges file next to it")
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").splitlines()
-    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
-    made = {a + b for a, b in merges} | set(BYTE_CHARS)
-    specials = {t: i for t, i in vocab.items() if t not in made}  # e.g. <|endoftext|>: no merge makes it
-    return _byte_level_bpe(str(vocab_path), GPT2_SPLIT, vocab, merges, specials, (),
-                           *_configured_specials(vocab_path.parent, vocab))
-
-
-def _split_regex(pre_tokenizer, where):
-    """The one split regex equal to a tokenizer.json pre_tokenizer, for the shapes byte-level checkpoints use:
-    ByteLevel (GPT-2), Digits + ByteLevel (SmolLM2), Split(regex) + ByteLevel without regex (Llama 3)."""
-    pre_tokenizer = pre_tokenizer or {}
-    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])  # a Sequence's steps, or the one pre-tokenizer
-    *first, last = steps
-    kinds = [step.get("type") for step in first]
-    if last.get("type") == "ByteLevel" and not last.get("add_prefix_space"):
-        if last.get("use_regex", True) and kinds == []:
-            return GPT2_SPLIT
-        if last.get("use_regex", True) and kinds == ["Digits"] and first[0].get("individual_digits"):
-            return DIGITS_GPT2_SPLIT
-        if not last.get("use_regex", True) and kinds == ["Split"] and "Regex" in first[0]["pattern"] \
-                and first[0]["behavior"] == "Isolated" and not first[0]["invert"]:
-            return first[0]["pattern"]["Regex"]
-    raise ValueError(f"{where}: pre_tokenizer {[s.get('type') for s in steps]} has no single split regex here; "
-                     f"{SUPPORTED}")
-
-
-def _from_tokenizer_json(path):
-    """A Hugging Face tokenizer.json (plus tokenizer_config.json beside it for bos / eos / pad)."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    model = spec["model"]
-    if model.get("type") != "BPE" or spec.get("normalizer") or model.get("byte_fallback") or model.get("dropout") \
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError(f"{path}: a {model.get('type')} model (normalizer {spec.get('normalizer')}, byte_fallback "
-                         f"{model.get('byte_fallback')}) is not plain byte-level BPE; {SUPPORTED}")
-    pattern = _split_regex(spec.get("pre_tokenizer"), path)
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # "a b" or ["a", "b"]
-    added = spec.get("added_tokens", [])
-    specials = {t["content"]: t["id"] for t in added}
-    matched = {t["content"] for t in added if not t["special"]}
-    ids = {**model["vocab"], **specials}
-    template = (spec.get("post_processor") or {}).get("single") or [{}]  # Llama 3: [<|begin_of_text|>, $A]
-    return _byte_level_bpe(str(path), pattern, model["vocab"], merges, specials, matched,
-                           *_configured_specials(path.parent, ids, add_bos="SpecialToken" in template[0]))
-
-
-def _from_tiktoken_file(path):
-    """Llama 3's original/tokenizer.model: one "base64(token bytes) rank" line per token, rank = id,
-    then the 256 special tokens; tiktoken format, so ranks need no translation."""
-    try:
-        lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
-        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in lines}
-    except ValueError:  # also UnicodeDecodeError, binascii.Error, and unpacking a line that is not 2 fields
-        raise ValueError(f"{path} is not a tiktoken BPE file (SentencePiece tokenizer.model files, as Llama 1 and 2 "
-                         f"use, are not supported); {SUPPORTED}") from None
-    n = len(ranks)
-    tokens = sorted(ranks.items(), key=lambda item: item[1])
-    specials = {text: n + k for k, text in enumerate(LLAMA3_SPECIALS)}
-    return Tokenizer(str(path), LLAMA3_SPLIT, tokens, specials, bos_id=n, eos_id=n + 1, add_bos=True)
-
-
-def _from_gguf(path):
-    """The tokenizer inside a .gguf file (llama.cpp's tokenizer.ggml.* keys)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"reading {path} needs the gguf package: pip install gguf") from None
-    fields = gguf.GGUFReader(path).fields
-
-    def get(key, required=True):
-        if key not in fields and required:
-            raise ValueError(f"{path} has no {key}: it carries no byte-level BPE tokenizer; {SUPPORTED}")
-        return fields[key].contents() if key in fields else None
-
-    model = get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r} ('llama' is SentencePiece); {SUPPORTED}")
-    pre = get("tokenizer.ggml.pre")
-    if pre not in GGUF_SPLITS:
-        raise ValueError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre = {pre!r}; known: {sorted(GGUF_SPLITS)}")
-    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
-    CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types: special, and added but not special
-    specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)}
-    matched = {t for t, kind in zip(tokens, types) if kind == USER_DEFINED}
-    merges = [m.split(" ") for m in get("tokenizer.ggml.merges")]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    ids = [get(f"tokenizer.ggml.{key}_token_id", required=False) for key in ("bos", "eos", "padding")]
-    add_bos = bool(get("tokenizer.ggml.add_bos_token", required=False))
-    return _byte_level_bpe(str(path), GGUF_SPLITS[pre], vocab, merges, specials, matched, *ids, add_bos)
-
 
 # -----------------------------------------------------------------------------
 # the tasks and their pinned files
@@ -324,7 +47,7 @@ LABELS = {  # task -> the labels its answers use (LLM-Adapters' commonsense_eval
 }
 MIXES = ("commonsense_170k", "commonsense_15k")  # training mixes of all eight tasks (train split only)
 ALL_LABELS = tuple(dict.fromkeys(label for labels in LABELS.values() for label in labels))
-BLOBS = {  # upstream path -> git blob sha1 (shared/data/README.md)
+BLOBS = {  # upstream path -> git blob sha1 of the file at COMMIT (what `git hash-object FILE` prints)
     "dataset/boolq/train.json": "87a7beee26b49f81c450641ef2ff84f55611321f",
     "dataset/boolq/test.json": "6d7edb0a8e8a6566b546ccf0d98d24e48db3fdf3",
     "dataset/piqa/train.json": "44326ba946f8bd645bfa7a189e619d29b5bc17e5",
@@ -406,7 +129,8 @@ def download(rel, file):
         except (OSError, http.client.HTTPException) as e:  # no network, refused, timeout, HTTP 404 ...
             raise FileNotFoundError(
                 f"could not download {url} ({e}). Without network, put that file at {file}, or pass "
-                f"--data-dir DIR with it at DIR/{rel} (e.g. --data-dir ../shared/data/llm_adapters)") from None
+                f"--data-dir DIR with it at DIR/{rel} (a checkout of github.com/AGI-Edgerunners/LLM-Adapters at "
+                f"commit {COMMIT[:12]} has that layout)") from None
         data = tmp.read_bytes()
         if size and len(data) != size:
             raise ValueError(f"{url}: download truncated, {len(data)} of {size} bytes; nothing was cached, try again")
@@ -565,6 +289,7 @@ PREFIXES = {  # the fixed start of each task's LLM-Adapters instruction
     "ARC-Easy": "Please choose the correct answer to the question: ",  # also ARC-Challenge, OBQA, Social IQa
 }
 MARKERS = {"piqa": "Solution", "hellaswag": "Ending", "winogrande": "Option"}  # before each choice; else "Answer"
+SEPARATOR = r"(?:\n\n| )"  # between two fields: a blank line (PIQA; before Answer1) or one space (ARC's answers)
 # lm-eval-harness's doc_to_text for each task (lm_eval/tasks/<task>/*.yaml); the continuation is " " + choice
 CONTEXTS = {"piqa": "Question: {}\nAnswer:", "ARC-Easy": "Question: {}\nAnswer:", "ARC-Challenge": "Question: {}\nAnswer:",
             "openbookqa": "{}", "social_i_qa": "Q: {}\nA:", "hellaswag": "{}", "boolq": "Question: {}\nAnswer:"}
@@ -582,13 +307,17 @@ def parse_instruction(task, instruction):
     """(question, [choice text per offered label]) of an LLM-Adapters instruction, e.g. for PIQA
     "Please choose the correct solution to the question: {goal}\n\nSolution1: {sol1}\n\nSolution2:
     {sol2}\n\nAnswer format: solution1/solution2" -> (goal, [sol1, sol2]). BoolQ has no choices.
+    Each field is returned as the dataset has it, with its own leading and trailing whitespace
+    (PIQA's "can store footballs  "), because lm-eval scores " " + the field as it is: the field is
+    the shortest text followed by exactly one SEPARATOR and the next marker (a pattern of any run of
+    whitespace would take the field's own trailing spaces for part of the separator).
     Raises ValueError when the instruction does not have its task's shape."""
     task = template_task(task, instruction)
     prefix, marker = PREFIXES.get(task, PREFIXES["ARC-Easy"]), MARKERS.get(task, "Answer")
     m = re.search(r"Answer format: (\S+)$", instruction)
     n = 0 if task == "boolq" or m is None else len(m.group(1).split("/"))
-    pattern = re.escape(prefix) + "(.*?)" + "".join(rf"\s+{marker}{k}: (.*?)" for k in range(1, n + 1))
-    match = re.fullmatch(pattern + r"\s+Answer format: \S+", instruction, re.S) if m else None
+    pattern = re.escape(prefix) + "(.*?)" + "".join(rf"{SEPARATOR}{marker}{k}: (.*?)" for k in range(1, n + 1))
+    match = re.fullmatch(pattern + SEPARATOR + r"Answer format: \S+", instruction, re.S) if m else None
     if match is None or not all(field.strip() for field in match.groups()):
         raise ValueError(f"not a {task} instruction of LLM-Adapters (expected {prefix!r}, then the question, "
                          f"{marker}1: ... and 'Answer format: ...'): {instruction[:200]!r}")
@@ -715,6 +444,27 @@ def collate(batch, pad_id):
     -100 on padding; mask is 1 on real tokens, 0 on padding."""
     ids, labels = zip(*batch)
     return pad(ids, pad_id), pad(labels, -100), pad([[1] * len(s) for s in ids], 0)
+
+
+def subset(n_items, n, seed):
+    """Indices of a random subset of n of n_items (all if n is 0), the same for every run with this seed."""
+    if not n or n >= n_items:
+        return list(range(n_items))
+    return sorted(torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
+def length_grouped_batches(lengths, batch_size, seed):
+    """One epoch's batches (lists of example indices), grouped by length as Hugging Face's
+    group_by_length: a random permutation is cut into groups of 64 batches, each group is sorted by
+    length and cut into batches, and the batches are shuffled. Examples of about one length share a
+    batch, so padding wastes little (PIQA's cloze examples: 36 tokens on average, 100 for the
+    longest of 16 random ones). A function of the seed alone."""
+    g = torch.Generator().manual_seed(seed)
+    perm, batches = torch.randperm(len(lengths), generator=g).tolist(), []
+    for i in range(0, len(perm), 64 * batch_size):
+        group = sorted(perm[i:i + 64 * batch_size], key=lambda j: lengths[j])
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def collate_prompts(tok, instructions, bos=None):

@@ -19,15 +19,15 @@ so that two runs can be compared item by item (McNemar's exact test):
 
 prints each file's accuracy with its 95 % interval and the test of each against the first file.
 
-Start reading at evaluate(); GateRecorder (at the top) records every gate value it meets, by
-kind of position (prompt, scored continuation, generated), layer and module.
+Start reading at evaluate(). With a recorder (gates.GateRecorder), each forward is called with a
+dict, model(ids, gates=gates), that the gated layers fill with their gate values, and the recorder
+gets that dict with the kind of each position (prompt, scored continuation, generated).
 """
 
 import itertools
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 
 from data import (cloze_choices, collate_prompts, encode_example, encode_pair, extract_answer, gold_index,
                   label_choices, pad)
-from gatera import adapted_layers, atomic_write
+from files import atomic_write
 from model import KVCache
 
 # -----------------------------------------------------------------------------
-# progress and gates
+# progress
 
 
 def hms(seconds):
@@ -51,102 +51,6 @@ def progress(what, done, total, t0):
     rate = done / max(time.time() - t0, 1e-9)
     print(f"{what}: {done}/{total} | {rate:.1f}/s | {hms(time.time() - t0)} elapsed, "
           f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
-
-
-KINDS = ("prefill", "scored", "decode")  # the prompt; a scored continuation (fed whole); generated, fed one by one
-
-
-class GateRecorder:
-    """Every gate value of an evaluation, by kind of position (KINDS), layer and module type.
-
-    After each forward, add() reads the gate g = sigmoid(z) that every gated layer kept of it
-    (AdaptedLinear.last_gate, (B, T)) at the positions the caller marks. Memory stays bounded
-    whatever the test set: for all positions only sums (layers x modules) and a 20-bin histogram
-    per kind; the full (tokens, layers, modules) gates only for the first `keep` examples (the
-    page of visualize.py). Padding and tokens after a generated EOS are never marked. A model
-    without gates records nothing; no recorder (evaluate's default) costs nothing."""
-
-    def __init__(self, model, keep=0):
-        gated = [(name, layer) for name, layer in adapted_layers(model) if layer.config.gate != "none"]
-        self.modules = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in gated))  # e.g. q_proj, ...
-        self.n_layer = model.config.n_layer
-        self.cells = [(int(re.search(r"\.h\.(\d+)\.", name)[1]) * len(self.modules)
-                       + self.modules.index(name.rsplit(".", 1)[-1]), layer) for name, layer in gated]
-        self.keep = keep
-        self.sums = torch.zeros(len(KINDS), self.n_layer, len(self.modules), dtype=torch.float64)
-        self.counts = [0] * len(KINDS)
-        self.hist = torch.zeros(len(KINDS), 20, dtype=torch.float64)  # bins of 0.05 on [0, 1]
-        self.kept = {}  # example number -> {"ids": [...], "kinds": [...], "gates": [(T, L, M) tensors]}
-
-    def gates(self):
-        """The gates of the last forward as one (L, M, B, T) tensor (NaN where a layer has no such module)."""
-        B, T = self.cells[0][1].last_gate.shape
-        grid = torch.full((self.n_layer * len(self.modules), B, T), float("nan"))
-        for cell, layer in self.cells:
-            grid[cell] = layer.last_gate.detach().float().cpu()
-        return grid.view(self.n_layer, len(self.modules), B, T)
-
-    def add(self, kinds, ids, keep=None):
-        """kinds (B, T): index into KINDS of each position of the last forward, -1 where not counted;
-        ids (B, T) its input tokens; keep {row b: example number} of the rows whose full gates to keep."""
-        if not self.cells:
-            return
-        g, kinds = self.gates(), kinds.cpu()                        # (L, M, B, T), (B, T)
-        for k in range(len(KINDS)):
-            v = g[:, :, kinds == k]                                  # (L, M, n) the gates at those positions
-            if v.shape[-1]:
-                self.sums[k] += v.nansum(-1)
-                self.counts[k] += v.shape[-1]
-                self.hist[k] += torch.histc(v[~v.isnan()], bins=20, min=0, max=1)
-        for b, n in (keep or {}).items():
-            if n < self.keep:
-                real = kinds[b] >= 0
-                ex = self.kept.setdefault(n, {"ids": [], "kinds": [], "gates": []})
-                ex["ids"] += ids[b].cpu()[real].tolist()
-                ex["kinds"] += [KINDS[k] for k in kinds[b][real].tolist()]
-                ex["gates"].append(g[:, :, b, real].permute(2, 0, 1))  # (T, L, M)
-
-    def on_step(self, keep=None):
-        """A callback for GPT.generate(on_step=...): its first forward reads the prompt (prefill),
-        each later one the token generated before it (decode)."""
-        steps = itertools.count()
-
-        def record(fed, real, nxt):
-            self.add(torch.where(real, 0 if next(steps) == 0 else 2, -1), fed, keep)
-        return record
-
-    def summary(self):
-        """Per kind of position: the mean gate, per layer, per module type and per (layer, module);
-        the share of gates below 0.1 and at or above 0.9; the histogram; the number of positions."""
-        out = {}
-        for k, kind in enumerate(KINDS):
-            if self.counts[k]:
-                mean = self.sums[k] / self.counts[k]                  # (L, M)
-                hist = self.hist[k]
-                out[kind] = {"mean": mean.nanmean().item(), "below_0.1": (hist[:2].sum() / hist.sum()).item(),
-                             "above_0.9": (hist[18:].sum() / hist.sum()).item(), "positions": self.counts[k],
-                             "per_layer": mean.nanmean(1).tolist(),
-                             "per_module": dict(zip(self.modules, mean.nanmean(0).tolist())),
-                             "per_layer_module": [[None if math.isnan(x) else x for x in row] for row in mean.tolist()],
-                             "histogram": [int(c) for c in hist.tolist()]}
-        return out
-
-
-def gate_report(summary, when):
-    """Lines for the end of the log: the gates on each kind of position, and the layers where the
-    prompt's gates differ most from the answer's (the paper: low on the prompt, open on the answer)."""
-    if not summary:
-        return []
-    lines = [f"gates {when} (mean | < 0.1 | >= 0.9 | positions):"]
-    lines += [f"  {kind:8s} {s['mean']:.3f} | {s['below_0.1']:6.1%} | {s['above_0.9']:6.1%} | {s['positions']:,}"
-              for kind, s in summary.items()]
-    answer = "decode" if "decode" in summary else "scored"
-    if "prefill" in summary and answer in summary:
-        pre, ans = summary["prefill"]["per_layer"], summary[answer]["per_layer"]
-        top = sorted(range(len(pre)), key=lambda i: -abs(pre[i] - ans[i]))[:3]
-        lines.append(f"  largest prefill - {answer} difference: " +
-                     ", ".join(f"layer {i} ({pre[i]:.3f} vs {ans[i]:.3f})" for i in top))
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -181,7 +85,9 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
         first = torch.tensor([len(ctx) for _, ctx, _ in batch], device=device)[:, None]  # (B, 1)
         end = first + torch.tensor([len(cont) for _, _, cont in batch], device=device)[:, None]
         is_cont = (pos >= first) & (pos < end)                                          # (B, T) continuation tokens
-        logits = model(ids, logits_at=F.pad(is_cont[:, 1:], (0, 1), value=False)).float()  # (N, V): predict them
+        before = F.pad(is_cont[:, 1:], (0, 1), value=False)                              # (B, T) the positions before them
+        gates = {} if recorder else None                                                 # layer name -> g (B, T)
+        logits = model(ids, logits_at=before, gates=gates).float()                      # (N, V) predicts them
         logp = F.log_softmax(logits, -1).gather(-1, ids[is_cont][:, None])[:, 0]        # (N,) row-major, as the mask
         row = torch.arange(len(batch), device=device)[:, None].expand_as(is_cont)[is_cont]  # (N,) row of each
         sums = torch.zeros(len(batch), device=device).index_add_(0, row, logp)          # (B,)
@@ -191,7 +97,7 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
             kinds = torch.where(pos < first, 0, torch.where(is_cont, 1, -1))            # (B, T) prefill, scored
             gold = {b: rows[i][0] for b, i in enumerate(order[start:start + batch_size])
                     if rows[i] is golds[rows[i][0]]}
-            recorder.add(kinds, ids, gold)
+            recorder.add(gates, kinds, ids, gold)
         if b % 20 == 19 or start + batch_size >= len(order):
             progress(f"eval {task}", min(start + batch_size, len(order)), len(order), t0)
     predictions, k = [], 0
@@ -244,9 +150,10 @@ def score_labels(model, tok, task, batch, device, loss_sums, recorder=None, offs
     mask = (torch.arange(ids.shape[1], device=device) >= ids.shape[1] - torch.tensor([len(c) for c in ctx],
             device=device)[:, None]).long()                          # (B, Tc) left padding
     cache = [KVCache() for _ in model.transformer.h]
-    first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1).float(), -1)  # (B, V) next token
+    gates = {} if recorder else None                                 # layer name -> g (B, Tc)
+    first = F.log_softmax(model(ids, mask=mask, cache=cache, logits_at=-1, gates=gates).float(), -1)  # (B, V)
     if recorder:
-        recorder.add(torch.where(mask.bool(), 0, -1), ids, {b: offset + b for b in range(len(batch))})
+        recorder.add(gates, torch.where(mask.bool(), 0, -1), ids, {b: offset + b for b in range(len(batch))})
     scores = [[None] * len(rows) for rows in choices]
     for c in range(max(map(len, choices))):  # the c-th label of every example in one batch
         tails = [rows[c][1][s:] if c < len(rows) else [tok.pad_id] for rows, s in zip(choices, starts)]
@@ -254,7 +161,8 @@ def score_labels(model, tok, task, batch, device, loss_sums, recorder=None, offs
         tail_ids = torch.tensor([t + [tok.pad_id] * (T - len(t)) for t in tails], device=device)  # (B, T)
         tail_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in tails], device=device)
         forked = [c.fork() for c in cache]  # each label extends the prompt's cache; the prompt's stays
-        logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked).float()  # (B, T, V)
+        gates = {} if recorder else None
+        logits = model(tail_ids, mask=torch.cat([mask, tail_mask], 1), cache=forked, gates=gates).float()  # (B, T, V)
         logp = torch.cat([first[:, None], F.log_softmax(logits[:, :-1], -1)], 1)  # (B, T, V) predicts tail t
         response = torch.tensor([[s + j >= rows[min(c, len(rows) - 1)][2] and j < len(t) for j in range(T)]
                                  for rows, s, t in zip(choices, starts, tails)], device=device)  # (B, T)
@@ -264,7 +172,7 @@ def score_labels(model, tok, task, batch, device, loss_sums, recorder=None, offs
         if recorder:
             real = torch.tensor([[j < len(t) and c < len(rows) for j in range(T)] for rows, t in zip(choices, tails)],
                                 device=device)                       # (B, T) not padding
-            recorder.add(torch.where(response, 1, torch.where(real, 0, -1)), tail_ids,
+            recorder.add(gates, torch.where(response, 1, torch.where(real, 0, -1)), tail_ids,
                          {b: offset + b for b, (rows, (_, ex)) in enumerate(zip(choices, batch))
                           if c < len(rows) and rows[c][0] == ex["answer"]})
         for b, (rows, (_, ex)) in enumerate(zip(choices, batch)):
@@ -287,7 +195,7 @@ def generate_labels(model, tok, task, batch, device, recorder=None, offset=0):
     gets the gates on the prompt (prefill) and on each generated token fed back (decode)."""
     ids, mask = collate_prompts(tok, [ex["instruction"] for _, ex in batch])
     out = model.generate(ids.to(device), 32, mask=mask.to(device), eos_id=tok.eos_id,
-                         on_step=recorder and recorder.on_step({b: offset + b for b in range(len(batch))}))
+                         on_step=recorder and recorder.new_generation({b: offset + b for b in range(len(batch))}))
     predictions = []
     for (index, ex), new in zip(batch, out[:, ids.shape[1]:].tolist()):
         text = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
@@ -295,32 +203,6 @@ def generate_labels(model, tok, task, batch, device, recorder=None, offset=0):
         predictions.append({"index": index, "generated": text, "extracted": answer,
                             "pred": labels.index(answer) if answer in labels else -1, "gold": gold_index(task, ex)})
     return predictions
-
-
-@torch.no_grad()
-def generate_text(model, tok, prompt, max_new_tokens, temperature, top_k, device, recorder=None):
-    """Continues prompt, printing the text as it comes (greedy at temperature 0); returns the new ids."""
-    ids = torch.tensor([tok.encode(prompt, bos=tok.add_bos)], device=device)       # (1, T)
-    record = recorder.on_step({0: 0}) if recorder else None
-    new, shown = [], ""
-    print(prompt, end="", flush=True)
-
-    def step(fed, real, nxt):
-        nonlocal shown
-        if record:
-            record(fed, real, nxt)
-        if nxt.item() != tok.eos_id:  # once EOS comes, generate stops (a batch of one)
-            new.append(nxt.item())
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a character split over tokens
-            print(text[len(shown):], end="", flush=True)
-            shown = text
-    was_training = model.training
-    model.eval()
-    model.generate(ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_id, on_step=step)
-    model.train(was_training)
-    print(flush=True)
-    return new
 
 
 # -----------------------------------------------------------------------------
@@ -404,6 +286,34 @@ def comparison(runs):
         lines.append(f"{name:{width}s} {len(preds):5d}  " + "  ".join(cells))
     lines.append(f"p: McNemar's exact test against {runs[0][0]} on the same {len(base)} items (two-sided)")
     return lines
+
+
+def summarize(when, results, tests):
+    """A run's evaluation over all its tasks (results {task: evaluate's summary}, tests {task:
+    items}): metrics.json's accuracy "<acc name>_<when>" with its 95 % interval, the answer and label
+    losses averaged over the tasks, and each task's summary; with one line of them for the log."""
+    n, metrics, text = sum(map(len, tests.values())), {}, f"{when}:"
+    for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
+        if next(iter(results.values()))[key] is not None:
+            acc = sum(r[key] * len(tests[t]) for t, r in results.items()) / n
+            metrics[f"{name}_{when}"], metrics[f"{name}_{when}_95"] = acc, interval95(acc, n)
+            text += f" {key} {acc:.4f}"
+    for k in ("answer", "label"):
+        loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
+        metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
+        text += f" | {k} loss {metrics[f'{k}_loss_{when}']:.4f}" if loss else ""
+    metrics[f"eval_{when}"] = results
+    return metrics, f"{text} ({n} examples)"
+
+
+def before_after(task, before, after):
+    """Lines of the table of before vs after training on the same test items, and metrics.json's
+    McNemar's test of them: {"acc" (and "acc_norm"): {only_before_right, only_after_right, p}}."""
+    lines = [f"\n{task}, {len(after)} test examples: before vs after training"]
+    lines += comparison([("before (zero-shot)", before), ("after", after)])
+    keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for p in before + after) else [])
+    return lines, {("acc" if k == "pred" else "acc_norm"): dict(
+        zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
 
 
 def write_predictions(path, predictions):

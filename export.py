@@ -1,7 +1,13 @@
 """
-Adapters into the Hugging Face ecosystem: PEFT-format adapters and merged checkpoints.
+An extra: adapters into the Hugging Face ecosystem, as PEFT-format adapters and merged checkpoints.
 
-Three ways out of (and one into) this repository's GPT:
+    python export.py --adapter out/adapter --peft out/peft         # PEFT's layout, for PeftModel
+    python export.py --adapter out/adapter --merged out/merged     # one Hugging Face model folder
+    python export.py --adapter out/adapter --model path/to/llama --peft out/peft   # another base
+
+The base (--model, as train.py's) is loaded in fp32, the adapter put on it, and each merged weight is
+computed in fp32. Only gate none or static can leave: a token gate g(x) is refused, saying why.
+In Python, three ways out of (and one into) this repository's GPT:
 
     export_peft(model, out_dir, base)   the adapter in Hugging Face PEFT's on-disk layout
                                         (adapter_config.json + adapter_model.safetensors), which
@@ -28,6 +34,7 @@ is exported as one c_attn adapter: A stacks the parts' A, B is block-diagonal (r
 gives each part of c_attn's output exactly its own update (see fuse).
 """
 
+import argparse
 import json
 import math
 import os
@@ -38,8 +45,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gatera import GateRAConfig, adapted_layers, apply_gatera, atomic_write, row_norm
-from model import GPT2_NAMES, LLAMA_NAMES, checkpoint_files, config_from_hf
+from checkpoints import GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, checkpoint_files, config_from_hf, load_pretrained
+from files import atomic_write
+from gatera import GateRAConfig, adapted_layers, apply_gatera, load_adapter, refuse_token_gate, row_norm
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the transformers model as base_model.model
@@ -51,7 +59,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 # -----------------------------------------------------------------------------
-# names: ours <-> Hugging Face transformers' (the inverse of model.hf_to_ours's renaming)
+# names: ours <-> Hugging Face transformers' (the inverse of checkpoints.hf_to_ours's renaming)
 
 def hf_name(name, arch):
     """Our module or parameter name -> transformers' (GPT-2's q/k/v_proj -> the fused c_attn)."""
@@ -99,7 +107,7 @@ def ungated(name, layer):
     m = layer.magnitude.detach() if cfg.method == "dora" else None
     if cfg.gate == "none":
         return A, B, m
-    g = torch.sigmoid(layer.gate.detach())
+    g = torch.sigmoid(layer.gate_logit.detach())
     if cfg.method != "dora":
         return A, g * B, None
     W0 = layer.base.weight.to(A.dtype)                                   # (out, in)
@@ -137,32 +145,12 @@ def fuse(parts, W0s):
     return A, B, m
 
 
-def export_peft(model, out_dir, base_name_or_path):
-    """Write model's adapter to out_dir in PEFT's layout: adapter_config.json + adapter_model.safetensors
-    (keys base_model.model.<transformers module>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector,
-    or .hira_A / .hira_B), for PeftModel.from_pretrained on base_name_or_path (written into the config).
-
-    Gate none exports as it is, a static gate folded into B (see ungated); a token gate is refused.
-    GPT-2's c_attn adapter has rank r times the number of q/k/v parts adapted (see fuse): LoRA and DoRA
-    say so in rank_pattern, with alpha_pattern keeping s = alpha / r; PEFT's HiRA builds every layer
-    with the config's r (its rank_pattern is not used when layers are created), so there every adapter
-    is padded to the largest rank with zero rows of A and zero columns of B, which changes no B A.
-    Returns the adapter_config.json dict."""
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("export_peft: the model has no adapters (call apply_gatera or load_adapter first)")
-    cfg, arch = layers[0][1].config, model.config.arch
-    if cfg.gate == "token":
-        raise ValueError("export_peft: the adapter has a token gate g(x) = sigmoid(w_g . x + b_g), one value per "
-                         "token; PEFT cannot express it (its LoRA, DoRA and HiRA layers have no gate), so the adapter "
-                         "cannot be exported in PEFT's format. Keep our format (save_adapter), or train with gate "
-                         "none or static")
-    # every transformers module -> its parts: one for most, q, k, v for GPT-2's c_attn
-    modules = {}
-    for name, layer in layers:
-        parts = modules.setdefault(hf_name(name, arch), {})
-        parts[name] = ungated(name, layer)
-    tensors, ranks = {}, {}
+def peft_tensors(model, layers, method):
+    """{transformers module: {PEFT's tensor name: tensor}} of the ungated adapters (see ungated), GPT-2's
+    q, k, v parts fused into one c_attn adapter (see fuse), and {transformers module: its rank}."""
+    arch, modules, tensors, ranks = model.config.arch, {}, {}, {}
+    for name, layer in layers:  # every transformers module -> its parts: one for most, q, k, v for c_attn
+        modules.setdefault(hf_name(name, arch), {})[name] = ungated(name, layer)
     for module, parts in modules.items():
         ours = our_modules(module, arch)
         if len(ours) == 1:
@@ -171,30 +159,53 @@ def export_peft(model, out_dir, base_name_or_path):
             W0s = [getattr(model.get_submodule(n), "base", model.get_submodule(n)).weight for n in ours]  # frozen W0
             A, B, m = fuse([parts.get(n) for n in ours], W0s)
         ranks[module] = A.shape[0]
-        if cfg.method == "hira":
+        if method == "hira":
             tensors[module] = {"hira_A": A, "hira_B": B}
         else:
             tensors[module] = {"lora_A.weight": A, "lora_B.weight": B}
             if m is not None:
                 tensors[module]["lora_magnitude_vector"] = m
-    targets = sorted({".".join(module.split(".")[-2:]) for module in modules})  # e.g. self_attn.q_proj, attn.c_attn
+    return tensors, ranks
+
+
+def peft_config(cfg, arch, tensors, ranks, base_name_or_path):
+    """adapter_config.json for the adapters of peft_tensors. LoRA and DoRA: a module of another rank
+    (GPT-2's c_attn) in rank_pattern, with alpha_pattern keeping s = alpha / r. HiRA: PEFT builds every
+    layer with the config's r, so every adapter is padded here to the largest rank with zero rows of A
+    and zero columns of B, which changes no B A."""
+    target_modules = sorted({".".join(module.split(".")[-2:]) for module in tensors})  # e.g. self_attn.q_proj
     common = {"base_model_name_or_path": str(base_name_or_path), "task_type": "CAUSAL_LM", "inference_mode": True,
-              "target_modules": targets, "fan_in_fan_out": arch == "gpt2"}  # GPT-2's Conv1D stores W as (in, out)
+              "target_modules": target_modules, "fan_in_fan_out": arch == "gpt2"}  # GPT-2's Conv1D: W is (in, out)
     if cfg.method == "hira":
         r = max(ranks.values())
         for module, t in tensors.items():
             pad = r - t["hira_A"].shape[0]
             t["hira_A"] = torch.cat([t["hira_A"], t["hira_A"].new_zeros(pad, t["hira_A"].shape[1])])
             t["hira_B"] = torch.cat([t["hira_B"], t["hira_B"].new_zeros(t["hira_B"].shape[0], pad)], dim=1)
-        config = {"peft_type": "HIRA", "r": r, "hira_dropout": 0.0, "init_weights": True, **common}
-    else:
-        # a module of rank k r (GPT-2's c_attn, k parts) keeps s with alpha k (rsLoRA: alpha sqrt(k))
-        pattern = {".".join(module.split(".")[-2:]): k for module, k in ranks.items() if k != cfg.rank}
-        config = {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
-                  "use_dora": cfg.method == "dora", "lora_dropout": cfg.dropout, "bias": "none",
-                  "init_lora_weights": True, "rank_pattern": pattern,
-                  "alpha_pattern": {key: cfg.alpha * (math.sqrt(k / cfg.rank) if cfg.rslora else k / cfg.rank)
-                                    for key, k in pattern.items()}, **common}
+        return {"peft_type": "HIRA", "r": r, "hira_dropout": 0.0, "init_weights": True, **common}
+    # a module of rank k r (GPT-2's c_attn, k parts) keeps s with alpha k (rsLoRA: alpha sqrt(k))
+    pattern = {".".join(module.split(".")[-2:]): k for module, k in ranks.items() if k != cfg.rank}
+    return {"peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.rslora,
+            "use_dora": cfg.method == "dora", "lora_dropout": cfg.dropout, "bias": "none",
+            "init_lora_weights": True, "rank_pattern": pattern,
+            "alpha_pattern": {key: cfg.alpha * (math.sqrt(k / cfg.rank) if cfg.rslora else k / cfg.rank)
+                              for key, k in pattern.items()}, **common}
+
+
+def export_peft(model, out_dir, base_name_or_path):
+    """Write model's adapter to out_dir in PEFT's layout: adapter_config.json + adapter_model.safetensors
+    (keys base_model.model.<transformers module>.lora_A.weight / .lora_B.weight / .lora_magnitude_vector,
+    or .hira_A / .hira_B), for PeftModel.from_pretrained on base_name_or_path (written into the config).
+    Gate none exports as it is, a static gate folded into B (see ungated); a token gate is refused.
+    GPT-2's c_attn adapter has rank r times the number of q/k/v parts adapted (see fuse and peft_config).
+    Returns the adapter_config.json dict."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no adapters (call apply_gatera or load_adapter first)")
+    refuse_token_gate(model, "export_peft")
+    cfg = layers[0][1].config
+    tensors, ranks = peft_tensors(model, layers, cfg.method)
+    config = peft_config(cfg, model.config.arch, tensors, ranks, base_name_or_path)
     flat = {f"{PREFIX}{module}.{kind}": v.contiguous().cpu() for module, t in tensors.items() for kind, v in t.items()}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, PEFT_WEIGHTS), lambda p: save_file(flat, p, metadata={"format": "pt"}))
@@ -223,22 +234,10 @@ def pattern_value(patterns, module, default):
     return default
 
 
-@torch.no_grad()
-def import_peft(model, peft_dir):
-    """Apply the PEFT adapter in peft_dir (adapter_config.json + adapter_model.safetensors: LoRA, rsLoRA,
-    DoRA or HiRA, as PEFT's save_pretrained writes it) to our plain `model`, with gate none. Returns the
-    GateRAConfig. Everything is checked before the model is touched; any unsupported option, unknown,
-    missing or misshapen tensor is refused, naming the file and the tensor.
-
-    Our adapters have one rank and one scale for all layers: a layer of lower rank (PEFT's rank_pattern)
-    gets zero rows of A and zero columns of B, a layer with another scale s_l (alpha_pattern) gets
-    B s_l / s; neither changes s B A. GPT-2's c_attn adapter (A, B) becomes q, k, v adapters (A, B's
-    rows of each part), with the same rank. fan_in_fan_out only says that GPT-2's Conv1D stores W as
-    (in, out); PEFT's A and B are (r, in) and (out, r) either way. Dropout acts only in training."""
-    if adapted_layers(model):
-        raise ValueError("import_peft: the model already has adapters; import into a plain (unadapted) model")
-    peft_dir = Path(peft_dir)
-    config_path, weights_path = peft_dir / PEFT_CONFIG, peft_dir / PEFT_WEIGHTS
+def read_peft_config(peft_dir):
+    """(adapter_config.json as a dict, the method it describes, the config's path, the weights' path),
+    refusing a missing file, a peft_type other than LORA or HIRA, and any option our adapters lack."""
+    config_path, weights_path = Path(peft_dir) / PEFT_CONFIG, Path(peft_dir) / PEFT_WEIGHTS
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"import_peft: {p} not found (a PEFT adapter folder holds {PEFT_CONFIG} and "
@@ -252,11 +251,13 @@ def import_peft(model, peft_dir):
             raise ValueError(f"import_peft: {config_path} sets {key}={pc[key]!r}, which our adapters cannot hold; "
                              "only LoRA/DoRA/HiRA updates of linear layers can be imported")
     method = "hira" if pc["peft_type"] == "HIRA" else "dora" if pc.get("use_dora") else "lora"
-    rslora, arch = method != "hira" and bool(pc.get("use_rslora")), model.config.arch
-    keys = {"lora": ("lora_A.weight", "lora_B.weight"), "hira": ("hira_A", "hira_B"),
-            "dora": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}[method]  # A, B, m
+    return pc, method, config_path, weights_path
 
-    found = {}  # transformers module -> {key: tensor}
+
+def read_peft_tensors(weights_path, keys, method):
+    """{transformers module: {key: tensor}} of adapter_model.safetensors, whose every tensor must be
+    one of keys (the method's A, B and, for DoRA, m) and none of them missing."""
+    found = {}
     for key, t in load_file(weights_path).items():
         match = PEFT_KEY.fullmatch(key)
         if match is None or match.group(2) not in keys:
@@ -265,11 +266,20 @@ def import_peft(model, peft_dir):
         found.setdefault(match.group(1), {})[match.group(2)] = t
     if not found:
         raise ValueError(f"import_peft: {weights_path} holds no adapter tensors")
-    per_layer = {}  # our module -> (A, B, m or None, the layer's scale s_l)
     for module, t in found.items():
         missing = [k for k in keys if k not in t]
         if missing:
             raise ValueError(f"import_peft: tensor {PREFIX}{module}.{missing[0]} is missing from {weights_path}")
+    return found
+
+
+def peft_layers(model, found, keys, pc, paths):
+    """Our module -> (A, B, m or None, the layer's scale s_l) of every adapter in found, each checked
+    against the model's layer (it exists, the shapes fit, the rank is the config's). GPT-2's c_attn
+    adapter gives q, k and v the same A and each its rows of B (and m)."""
+    (config_path, weights_path), arch, per_layer = paths, model.config.arch, {}
+    rslora = pc["peft_type"] == "LORA" and bool(pc.get("use_rslora"))
+    for module, t in found.items():
         ours = our_modules(module, arch)
         try:
             W0s = [model.get_submodule(n).weight for n in ours]
@@ -288,24 +298,46 @@ def import_peft(model, peft_dir):
             raise ValueError(f"import_peft: tensor {PREFIX}{module}.{keys[0]} in {weights_path} has rank {r}, but "
                              f"{config_path} gives {module} r={r_config}")
         alpha = pattern_value(pc.get("alpha_pattern"), module, pc.get("lora_alpha"))
-        s_l = 1.0 if method == "hira" else alpha / (math.sqrt(r) if rslora else r)
+        s_l = 1.0 if pc["peft_type"] == "HIRA" else alpha / (math.sqrt(r) if rslora else r)
         start = 0
         for n, w in zip(ours, W0s):  # GPT-2's c_attn: each of q, k, v gets its rows of B and m
             rows = slice(start, start + w.shape[0])
             per_layer[n] = (A, B[rows], None if m is None else m[rows], s_l)
             start += w.shape[0]
+    return per_layer
+
+
+@torch.no_grad()
+def import_peft(model, peft_dir):
+    """Apply the PEFT adapter in peft_dir (adapter_config.json + adapter_model.safetensors: LoRA, rsLoRA,
+    DoRA or HiRA, as PEFT's save_pretrained writes it) to our plain `model`, with gate none. Returns the
+    GateRAConfig. Everything is checked before the model is touched; any unsupported option, unknown,
+    missing or misshapen tensor is refused, naming the file and the tensor.
+
+    Our adapters have one rank and one scale for all layers: a layer of lower rank (PEFT's rank_pattern)
+    gets zero rows of A and zero columns of B, a layer with another scale s_l (alpha_pattern) gets
+    B s_l / s; neither changes s B A. GPT-2's c_attn adapter (A, B) becomes q, k, v adapters (A, B's
+    rows of each part), with the same rank. fan_in_fan_out only says that GPT-2's Conv1D stores W as
+    (in, out); PEFT's A and B are (r, in) and (out, r) either way. Dropout acts only in training."""
+    if adapted_layers(model):
+        raise ValueError("import_peft: the model already has adapters; import into a plain (unadapted) model")
+    pc, method, config_path, weights_path = read_peft_config(peft_dir)
+    keys = {"lora": ("lora_A.weight", "lora_B.weight"), "hira": ("hira_A", "hira_B"),
+            "dora": ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")}[method]  # A, B, m
+    found = read_peft_tensors(weights_path, keys, method)
+    per_layer = peft_layers(model, found, keys, pc, (config_path, weights_path))
 
     # one config for every layer: the largest rank, with the scale that PEFT's r and lora_alpha give
-    R = max(a.shape[0] for a, _, _, _ in per_layer.values())
-    targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in per_layer}))
+    R, rslora = max(a.shape[0] for a, _, _, _ in per_layer.values()), method != "hira" and bool(pc.get("use_rslora"))
+    target_modules = tuple(sorted({n.rsplit(".", 1)[-1] for n in per_layer}))
     grow = math.sqrt(R / pc["r"]) if rslora else R / pc["r"]  # alpha for rank R with PEFT's s = alpha / r
     extra = {} if method == "hira" else {"alpha": pc["lora_alpha"] * grow, "rslora": rslora,
                                          "dropout": pc.get("lora_dropout", 0.0)}
-    cfg = GateRAConfig(method=method, rank=R, gate="none", targets=targets, **extra)
+    cfg = GateRAConfig(method=method, rank=R, gate="none", target_modules=target_modules, **extra)
     linears = {n for n, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets}
+               if isinstance(mod, torch.nn.Linear) and n.rsplit(".", 1)[-1] in target_modules}
     if linears - set(per_layer):
-        n = hf_name(sorted(linears - set(per_layer))[0], arch)
+        n = hf_name(sorted(linears - set(per_layer))[0], model.config.arch)
         raise ValueError(f"import_peft: tensor {PREFIX}{n}.{keys[0]} is missing from {weights_path}: the adapter "
                          f"adapts other {n.rsplit('.', 1)[-1]} layers, and ours go on every layer of a name")
     apply_gatera(model, cfg)
@@ -375,10 +407,7 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
     tokenizer lives inside the .gguf: transformers' AutoTokenizer.from_pretrained(folder, gguf_file=name)
     can rebuild it. Each merged weight is computed in fp32 and cast once to dtype; the default fp32 keeps
     a small update that bf16 would round away (see gatera.merge_gatera)."""
-    for name, layer in adapted_layers(model):
-        if layer.config.gate == "token":
-            raise ValueError(f"merge_to_hf: {name} has a token gate g(x), which scales the update differently for "
-                             "every token, so no single weight matrix holds it; only gate none or static can be merged")
+    refuse_token_gate(model, "merge_to_hf")
     path = checkpoint_files(source, ["config.json", *TOKENIZER_FILES])
     arch = model.config.arch
     if path.suffix == ".gguf":
@@ -407,3 +436,42 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
                  lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
     for f in side:
         atomic_write(os.path.join(out_dir, f.name), lambda p: shutil.copyfile(f, p))
+
+
+# -----------------------------------------------------------------------------
+# the command line: a trained adapter out as PEFT's adapter or as a merged checkpoint
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--adapter", required=True, help="the adapter folder (train.py's <out>/adapter)")
+parser.add_argument("--model", default="smollm2", help="the base it was trained on, as train.py's --model: "
+                    "smollm2, a Hub id, a local Hugging Face folder or a .gguf file")
+parser.add_argument("--peft", metavar="OUT", help="write the adapter in PEFT's layout (gate none or static)")
+parser.add_argument("--merged", metavar="OUT",
+                    help="write the merged model as a Hugging Face checkpoint folder (gate none or static)")
+
+
+def main(argv=None):
+    """Writes --peft and / or --merged; returns {"peft": OUT, "merged": OUT} of what it wrote."""
+    args = parser.parse_args(argv)
+    if not (args.peft or args.merged):
+        parser.error("nothing to write: give --peft OUT, --merged OUT, or both")
+    model = load_pretrained(args.model, dtype=torch.float32).requires_grad_(False)  # merge and export in fp32
+    load_adapter(model, args.adapter)
+    written = {}
+    if args.peft:
+        base = HUB_NAMES.get(args.model, args.model)  # PEFT loads its base from the Hub or a folder, not a .gguf
+        export_peft(model, args.peft, base)
+        written["peft"] = args.peft
+        print(f"wrote {args.peft}: PEFT adapter for {base}")
+    if args.merged:
+        merge_to_hf(model, args.merged, args.model)
+        written["merged"] = args.merged
+        print(f"wrote {args.merged}: the merged model, Hugging Face layout")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as e:  # bad input: the message, not a traceback
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,76 @@
+"""evaluate.py: cached label scoring, McNemar's test, the comparison command."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import evaluate
+from checkpoints import load_pretrained
+from tokenizer import load_tokenizer
+from tests.conftest import CLOZE, ROOT, PIQA, piqa_example
+
+
+def test_cached_label_scoring_equals_scoring_each_full_sequence(workdir):
+    """score_labels runs the shared prompt once and forks its KV cache per label; the plain way scores
+    every prompt + label sequence on its own. Same answers, same losses on the answer and on the label
+    tokens (those from the first position where the two labels' tokens differ)."""
+    model_dir, data_dir, _ = workdir
+    tok, model = load_tokenizer(model_dir), load_pretrained(model_dir).eval()
+    batch = [piqa_example(*r) for r in PIQA[:5]]
+    for ex, label in zip(batch[:3], ("solution1", "solution2", "solution2")):
+        ex["answer"] = label  # vary which label is the correct one
+    loss_sums = {"answer": [0.0, 0], "label": [0.0, 0]}
+    predictions = evaluate.score_labels(model, tok, "piqa", list(enumerate(batch)), "cpu", loss_sums)
+    correct = sum(p["pred"] == p["gold"] for p in predictions)
+    sums = {f"{k}_{part}": loss_sums[k][i] for k in ("answer", "label") for i, part in enumerate(("nll", "tokens"))}
+    plain = {"correct": 0, "answer_nll": 0.0, "answer_tokens": 0, "label_nll": 0.0, "label_tokens": 0}
+    with torch.no_grad():
+        for ex in batch:
+            scores, picked, seqs = {}, {}, {}
+            for label, text in data.label_choices("piqa", ex["instruction"]).items():
+                ids, labels = data.encode_example(tok, {"instruction": ex["instruction"], "output": text}, cutoff=10**9)
+                ids, labels = ids[:-1], labels[:-1]  # not EOS
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)  # (T-1, V)
+                picked[label] = {t: logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if labels[t] != -100}
+                scores[label], seqs[label] = sum(picked[label].values()), ids
+            plain["correct"] += max(scores, key=scores.get) == ex["answer"]
+            answer, other = seqs[ex["answer"]], next(q for label, q in seqs.items() if label != ex["answer"])
+            split = next(t for t in range(len(answer)) if t >= len(other) or answer[t] != other[t])  # the labels differ
+            plain["answer_nll"] -= sum(picked[ex["answer"]].values())
+            plain["answer_tokens"] += len(picked[ex["answer"]])
+            plain["label_nll"] -= sum(v for t, v in picked[ex["answer"]].items() if t >= split)
+            plain["label_tokens"] += sum(t >= split for t in picked[ex["answer"]])
+    assert (correct, sums["answer_tokens"], sums["label_tokens"]) == (plain["correct"], plain["answer_tokens"], plain["label_tokens"])
+    assert 0 < plain["label_tokens"] < plain["answer_tokens"]
+    assert sums["answer_nll"] == pytest.approx(plain["answer_nll"], rel=1e-5)
+    assert sums["label_nll"] == pytest.approx(plain["label_nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("b, c, p", CLOZE["mcnemar"])
+def test_mcnemar_p_value_equals_scipys_exact_binomial_test(b, c, p):
+    first = [{"index": i, "pred": 0, "gold": 0} for i in range(b)] + [{"index": b + i, "pred": 1, "gold": 0} for i in range(c)]
+    second = [{"index": i, "pred": 1, "gold": 0} for i in range(b)] + [{"index": b + i, "pred": 0, "gold": 0} for i in range(c)]
+    agree = [{"index": -1 - i, "pred": i % 2, "gold": 0} for i in range(7)]  # the same answer in both: no evidence
+    got = evaluate.mcnemar(first + agree, list(reversed(second + agree)))
+    assert got[:2] == (b, c) and got[2] == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_refuses_predictions_on_different_items():
+    with pytest.raises(ValueError, match="same items"):
+        evaluate.mcnemar([{"index": 0, "pred": 0, "gold": 0}], [{"index": 1, "pred": 0, "gold": 0}])
+
+
+def test_compare_prints_each_run_against_the_first(tmp_path):
+    a = [{"index": i, "pred": 0, "pred_norm": 0, "gold": int(i < 60)} for i in range(100)]  # 40 right
+    b = [{"index": i, "pred": 1, "pred_norm": 0, "gold": int(i < 60)} for i in range(100)]  # 60 right
+    for name, preds in (("a", a), ("b", b)):
+        evaluate.write_predictions(str(tmp_path / name / "predictions.jsonl"), preds)
+    r = subprocess.run([sys.executable, ROOT / "evaluate.py", tmp_path / "a" / "predictions.jsonl",
+                        tmp_path / "b" / "predictions.jsonl"], capture_output=True, text=True, check=True,
+                       timeout=120)
+    lines = r.stdout.splitlines()
+    b_, c_, p = evaluate.mcnemar(a, b)
+    assert (b_, c_) == (40, 60) and f"p={p:.2g}" in lines[2] and "+20.00" in lines[2] and "40.00 %" in lines[1]
