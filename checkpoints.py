@@ -11,17 +11,26 @@ load_pretrained(name, dtype) takes one of
 
 The name maps translate Hugging Face's and llama.cpp's tensor names into ours (export.py uses the
 same maps the other way). pick_dtype chooses the dtype to store a frozen base in.
-Start reading at load_pretrained, at the bottom; the readers it uses come first.
+Start reading at load_pretrained; the readers it uses come before it. The last two sections are the
+files a run writes: an adapter (save_adapter, load_adapter: its tensors alone, safetensors + JSON)
+and train.py's own checkpoint, ckpt.pt: the adapter and optimizer of a run, which --resume continues from.
 """
 
 import importlib.util
 import json
+import os
 import re
+import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from safetensors.torch import load_file, save_file
+
+from files import atomic_write, write_json
+from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
 
 # short name -> its unquantized original on the Hub, for tools that load a base from the Hub or a folder,
@@ -305,3 +314,105 @@ def pick_dtype(flag, device):
             return torch.bfloat16, f"the CPU has bf16 matrix units ({', '.join(found)})"
         return torch.float32, "the CPU shows no bf16 matrix units (amx_bf16 / avx512_bf16 in /proc/cpuinfo)"
     return torch.float32, f"bf16 is not chosen automatically on {device.type}"
+
+
+# -----------------------------------------------------------------------------
+# adapters: adapter.safetensors + adapter_config.json (the base model is never saved)
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def adapter_state_dict(model):
+    """Only the trainable adapter tensors: lora_A, lora_B, magnitude, gate_logit, keyed by module path."""
+    return {f"{name}.{k}": v for name, layer in adapted_layers(model)
+            for k, v in layer.state_dict().items() if not k.startswith("base.")}
+
+
+def save_adapter(model, out_dir):
+    """Write adapter.safetensors (adapter tensors only) and adapter_config.json to out_dir."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("save_adapter: the model has no adapters (call apply_gatera first)")
+    os.makedirs(out_dir, exist_ok=True)
+    cfg = asdict(layers[0][1].config)
+    cfg["target_modules"] = list(cfg["target_modules"])
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p))
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG), cfg)
+
+
+def load_adapter(model, adapter_dir):
+    """Load an adapter saved by save_adapter into `model`: adapts a plain model first, checks an
+    already adapted one has the same config, and refuses any missing, extra or misshapen tensor
+    before copying anything (never a silent partial load). Returns the GateRAConfig."""
+    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    for p in (config_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"load_adapter: {p} not found (an adapter folder holds "
+                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, as written by save_adapter)")
+    with open(config_path) as f:
+        saved = json.load(f)
+    known = {f.name for f in fields(GateRAConfig)}
+    if set(saved) - known:
+        raise ValueError(f"load_adapter: {config_path} has unknown fields {sorted(set(saved) - known)}")
+    cfg = GateRAConfig(**saved)
+    layers = adapted_layers(model)
+    if not layers:
+        apply_gatera(model, cfg)
+    else:
+        have = asdict(layers[0][1].config)
+        for k, v in asdict(cfg).items():
+            if have[k] != v:
+                raise ValueError(f"load_adapter: {config_path} has {k}={v!r} but the model's adapters "
+                                 f"have {k}={have[k]!r}; load into a plain (unadapted) model instead")
+    tensors = load_file(weights_path)
+    expected = adapter_state_dict(model)
+    for k, v in expected.items():
+        if k not in tensors:
+            raise ValueError(f"load_adapter: tensor {k} is missing from {weights_path}: "
+                             "the adapter was trained on a different base model")
+        if tensors[k].shape != v.shape:
+            raise ValueError(f"load_adapter: tensor {k} in {weights_path} has shape {tuple(tensors[k].shape)}, "
+                             f"the model expects {tuple(v.shape)}: the adapter was trained on a different base model")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"load_adapter: {weights_path} has tensor {extra[0]} (and {len(extra) - 1} more) "
+                         "that the model has no place for: the adapter was trained on a different base model")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(tensors[k])
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# training checkpoints (ckpt.pt)
+
+
+def write_checkpoint(args, step, model, optimizer, log, metrics, device):
+    """<out>/ckpt.pt (adapter, optimizer, step, RNG states, log, metrics, flags) and <out>/log.jsonl,
+    atomically: a run killed at any moment leaves the last checkpoint whole."""
+    state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
+    if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    atomic_write(os.path.join(args.out, "ckpt.pt"), lambda tmp: torch.save(state, tmp))
+    atomic_write(os.path.join(args.out, "log.jsonl"),
+                 lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+
+
+def resume(ckpt_path, args, model, optimizer, device):
+    """--resume: the adapter, optimizer and RNG states of ckpt_path, refused if its flags differ from
+    these; returns (step, log, metrics) to continue from."""
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    same = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "device", "eval_only")}
+    changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
+    if changed:
+        sys.exit(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or another --out")
+    for k, v in adapter_state_dict(model).items():
+        v.copy_(ckpt["adapter"][k])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"].cpu())
+    if "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
+    return ckpt["step"], ckpt["log"], ckpt["metrics"]

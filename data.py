@@ -467,6 +467,26 @@ def length_grouped_batches(lengths, batch_size, seed):
     return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
 
 
+def load_tests(args):
+    """{task: [(index in the task's test file, example)]} of every task train.py evaluates (args: its
+    flags; the one --task, or all eight after a mix): a seeded subset of --eval-examples, or all."""
+    tests = {}
+    for t in [args.task] if args.task in LABELS else LABELS:
+        examples = load_task(t, "test", args.data_dir)
+        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
+    return tests
+
+
+def load_training(args, tok):
+    """(the size of --task's training set, its seeded --train-examples subset encoded: [(ids, labels)]);
+    args: train.py's flags."""
+    examples = load_task(args.task, "train", args.data_dir)
+    chosen = [examples[i] for i in subset(len(examples), args.train_examples, args.seed)]
+    return len(examples), encode_examples(tok, args.task, chosen, fmt=args.format, name=f"{args.task} train",
+                                          cutoff=args.cutoff, train_on_inputs=args.train_on_inputs,
+                                          variant=args.train_prompt)
+
+
 def collate_prompts(tok, instructions, bos=None):
     """Generation batch of evaluation prompts -> ids, mask, each (B, T). Left padding: every prompt
     ends in the last column, so the tokens generated for the batch line up; the model needs the

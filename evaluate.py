@@ -12,8 +12,9 @@ Two formats (train.py --format):
   solution1") after the evaluation prompt; --eval generate: greedy generation and the reference's
   answer extraction.
 
-Every evaluation gives one prediction per test item, which train.py writes to predictions.jsonl,
-so that two runs can be compared item by item (McNemar's exact test):
+Every evaluation gives one prediction per test item; evaluate_tasks, train.py's evaluation of its
+test sets, writes them to <out>/<when>/<task>/predictions.jsonl, so that two runs can be compared
+item by item (McNemar's exact test):
 
     python evaluate.py out/before/piqa/predictions.jsonl out/after/piqa/predictions.jsonl [more ...]
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from data import (cloze_choices, collate_prompts, encode_example, encode_pair, extract_answer, gold_index,
                   label_choices, pad)
 from files import atomic_write
+from gates import GateRecorder, gate_page, gate_report, write_page
 from model import KVCache
 
 # -----------------------------------------------------------------------------
@@ -333,6 +335,46 @@ def read_predictions(path):
             raise ValueError(f"{path}: not a predictions.jsonl file (line {e.lineno}: {e.msg})") from None
 
 
+# -----------------------------------------------------------------------------
+# a training run's log and test sets: train.py's log records and its evaluations before, during and after
+
+
+def evaluate_tasks(when, model, tok, tests, args, device, metrics=None, what=""):
+    """Scores every test task: ({task: summary}, {task: predictions}, lines for the log). "before" and
+    "after" also write <out>/<when>/<task>/predictions.jsonl (and gates.html with --visualize) and put
+    the accuracy, losses and gates into metrics and the lines; "during" (every --eval-interval steps)
+    only scores."""
+    results, predictions, lines = {}, {}, []
+    for t, items in tests.items():
+        recorder = GateRecorder(keep=0 if when == "during" else args.visualize)
+        results[t], predictions[t] = evaluate(model, tok, t, items, args.format, args.eval, args.eval_batch_size,
+                                              device, recorder)
+        folder = os.path.join(args.out, when, t)
+        if when != "during":
+            write_predictions(os.path.join(folder, "predictions.jsonl"), predictions[t])
+        if when != "during" and args.visualize and recorder.kept:
+            title = f"{args.model}, {what}, {t} ({args.format}), {when} training"
+            kept = [items[n][0] for n in sorted(recorder.kept)]
+            write_page(os.path.join(folder, "gates.html"), gate_page(title, recorder, tok, kept, predictions[t]))
+            lines.append(f"wrote {os.path.join(folder, 'gates.html')}")
+    if when != "during":
+        entries, line = summarize(when, results, tests)  # accuracy over all tasks, with its interval; losses
+        metrics.update(entries)
+        lines.append(line)
+        for t, r in results.items():
+            lines += gate_report(r["gates"], f"{when} training" + (f", {t}" if len(results) > 1 else ""))
+    return results, predictions, lines
+
+
+def eval_record(step, results):
+    """log.jsonl's record of an evaluation during training, and its line: each task's accuracy and gates."""
+    keys = ("mean", "below_0.1", "above_0.9", "per_layer")
+    rec = {"step": step, "eval": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "gates": {
+        kind: {k: s[k] for k in keys} for kind, s in (r["gates"] or {}).items()}} for t, r in results.items()}}
+    return rec, f"step {step}: " + " | ".join(f"{t} acc {r['acc']:.4f}" + "".join(
+        f", gate {kind} {s['mean']:.3f}" for kind, s in r["gates"].items()) for t, r in rec["eval"].items())
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -341,3 +383,29 @@ if __name__ == "__main__":
             print(line)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
+
+
+def step_record(step, task_loss, entropy, entropy_weight, gates, lr, tokens_seen, elapsed):
+    """log.jsonl's record of a training step: the losses; the gates of this rank's micro-batches (on
+    all positions, each kind weighted by its count; the prompt's, prefill; the answer's, scored);
+    the learning rate; the speed."""
+    n = sum(s["positions"] for s in gates.values())
+    mean = {k: sum(s[k] * s["positions"] for s in gates.values()) / n if n else None
+            for k in ("mean", "below_0.1", "above_0.9")}
+    return {"step": step, "loss": task_loss + entropy_weight * entropy, "task_loss": task_loss, "entropy": entropy,
+            "gate_mean": mean["mean"], "gate_below_0.1": mean["below_0.1"], "gate_above_0.9": mean["above_0.9"],
+            "gate_prompt": gates.get("prefill", {}).get("mean"), "gate_answer": gates.get("scored", {}).get("mean"),
+            "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+
+
+def step_line(r, total_steps, eta):
+    """The log's line of a training step's record r, with eta: the seconds of training left."""
+    gate = "" if r["gate_mean"] is None else \
+        f" | gate {r['gate_mean']:.3f} (<0.1 {r['gate_below_0.1']:.0%}, >=0.9 {r['gate_above_0.9']:.0%})"
+    return (f"step {r['step']}/{total_steps} | loss {r['loss']:.4f} | task {r['task_loss']:.4f} | H {r['entropy']:.4f}"
+            f"{gate} | lr {r['lr']:.2e} | {r['tokens_per_s']:.0f} tok/s | {hms(r['elapsed_s'])} elapsed, "
+            f"ETA {hms(eta)}")
+
+
+# -----------------------------------------------------------------------------
+# the training loop

@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, checkpoint_files, config_from_hf, load_pretrained
+from checkpoints import (GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, checkpoint_files, config_from_hf, load_adapter,
+                         load_pretrained)
 from files import atomic_write
-from gatera import GateRAConfig, adapted_layers, apply_gatera, load_adapter, refuse_token_gate, row_norm
+from gatera import GateRAConfig, adapted_layers, apply_gatera, refuse_token_gate, row_norm
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel wraps the transformers model as base_model.model

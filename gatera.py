@@ -20,21 +20,17 @@ its g(x), e.g. for gated LoRA dL/dB = g s delta (A x)^T. test_gatera.py checks t
 
 Reading order: GateRAConfig, then AdaptedLinear.forward_plain (the equations as written), then
 forward_fused (the same numbers through fused.py's hand-derived autograd Functions), then the
-whole-model helpers (apply_gatera, gate_entropy, merge_gatera) and saving / loading adapters.
+whole-model helpers (apply_gatera, gate_entropy, merge_gatera). checkpoints.py saves and loads adapters.
 """
 
 import argparse
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from files import atomic_write, write_json
 from fused import DoRAScaledBase, HiRAGated, HiRAMerged, LowRankTokenGated, add_linear
 
 METHODS = ("lora", "dora", "hira")
@@ -339,15 +335,12 @@ def refuse_token_gate(model, what):
 
 @torch.no_grad()
 def merge_gatera(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back, for gate none or
-    static. A token gate g(x) differs per token, so no single weight can represent it.
-
-    What "exact" means depends on the base's dtype. The merged weight is computed in fp32 (fp64 for
-    an fp64 base) and rounded once to the base's dtype. For an fp32 or fp64 base the merged layer
-    equals the adapted one up to that dtype's rounding (1e-12 in fp64 in the tests). A bf16 base
-    cannot hold a small update exactly: each merged weight is the nearest bf16 number to the fp32
-    one, within 2^-8 of its value, the same rounding that storing any weight in bf16 costs (a small
-    update of a weight can round away entirely, where the unmerged layer adds it in its own matmul)."""
+    """Fold every adapter into its base weight and put the plain linear layer back, for gate none or
+    static (a token gate g(x) differs per token: no single weight holds it). The merged weight is
+    computed in fp32 (fp64 for an fp64 base) and rounded once to the base's dtype: exact up to that
+    dtype's rounding (1e-12 in fp64 in the tests); in bf16 each merged weight is the nearest bf16
+    number, within 2^-8 of its value, so a small update can round away where the unmerged layer
+    would add it in its own matmul."""
     refuse_token_gate(model, "merge_gatera")
     layers = adapted_layers(model)
     for name, layer in layers:
@@ -355,72 +348,3 @@ def merge_gatera(model):
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, layer.base)
     return model
-
-
-# -----------------------------------------------------------------------------
-# saving and loading adapters (safetensors + JSON; the base model is never saved)
-
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
-
-
-def adapter_state_dict(model):
-    """Only the trainable adapter tensors: lora_A, lora_B, magnitude, gate_logit, keyed by module path."""
-    return {f"{name}.{k}": v for name, layer in adapted_layers(model)
-            for k, v in layer.state_dict().items() if not k.startswith("base.")}
-
-
-def save_adapter(model, out_dir):
-    """Write adapter.safetensors (adapter tensors only) and adapter_config.json to out_dir."""
-    layers = adapted_layers(model)
-    if not layers:
-        raise ValueError("save_adapter: the model has no adapters (call apply_gatera first)")
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = asdict(layers[0][1].config)
-    cfg["target_modules"] = list(cfg["target_modules"])
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
-    atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS), lambda p: save_file(tensors, p))
-    write_json(os.path.join(out_dir, ADAPTER_CONFIG), cfg)
-
-
-def load_adapter(model, adapter_dir):
-    """Load an adapter saved by save_adapter into `model`: adapts a plain model first, checks an
-    already adapted one has the same config, and refuses any missing, extra or misshapen tensor
-    before copying anything (never a silent partial load). Returns the GateRAConfig."""
-    config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
-    weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
-    for p in (config_path, weights_path):
-        if not os.path.isfile(p):
-            raise FileNotFoundError(f"load_adapter: {p} not found (an adapter folder holds "
-                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, as written by save_adapter)")
-    with open(config_path) as f:
-        saved = json.load(f)
-    known = {f.name for f in fields(GateRAConfig)}
-    if set(saved) - known:
-        raise ValueError(f"load_adapter: {config_path} has unknown fields {sorted(set(saved) - known)}")
-    cfg = GateRAConfig(**saved)
-    layers = adapted_layers(model)
-    if not layers:
-        apply_gatera(model, cfg)
-    else:
-        have = asdict(layers[0][1].config)
-        for k, v in asdict(cfg).items():
-            if have[k] != v:
-                raise ValueError(f"load_adapter: {config_path} has {k}={v!r} but the model's adapters "
-                                 f"have {k}={have[k]!r}; load into a plain (unadapted) model instead")
-    tensors = load_file(weights_path)
-    expected = adapter_state_dict(model)
-    for k, v in expected.items():
-        if k not in tensors:
-            raise ValueError(f"load_adapter: tensor {k} is missing from {weights_path}: "
-                             "the adapter was trained on a different base model")
-        if tensors[k].shape != v.shape:
-            raise ValueError(f"load_adapter: tensor {k} in {weights_path} has shape {tuple(tensors[k].shape)}, "
-                             f"the model expects {tuple(v.shape)}: the adapter was trained on a different base model")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise ValueError(f"load_adapter: {weights_path} has tensor {extra[0]} (and {len(extra) - 1} more) "
-                         "that the model has no place for: the adapter was trained on a different base model")
-    with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(tensors[k])
-    return cfg

@@ -17,8 +17,7 @@ import sys
 
 import torch
 
-from checkpoints import load_pretrained, pick_dtype
-from gatera import load_adapter
+from checkpoints import load_adapter, load_pretrained, pick_dtype
 from gates import GateRecorder, gate_page, gate_report, write_page
 from tokenizer import load_tokenizer
 

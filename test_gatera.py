@@ -9,7 +9,6 @@ init, merge, alpha and saving mean, and the fast paths against the plain formula
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch.nn as nn
 
 import gatera
 from gatera import (AdaptedLinear, GateRAConfig, adapted_layers, apply_gatera, binary_entropy, gate_entropy,
-                    load_adapter, merge_gatera, save_adapter)
+                    merge_gatera)
 from checkpoints import load_pretrained
 from tests.conftest import adapted_tiny, FIXTURES, GATES, IN, make_layer, METHODS, OUT, plain_formula, RANK, T
 
@@ -429,39 +428,6 @@ def test_an_optimizer_step_changes_only_adapter_parameters(method, gate):
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
-
-
-@pytest.mark.parametrize("method,gate", [("lora", "token"), ("dora", "static"), ("hira", "none")])
-def test_save_then_load_adapter_round_trips_bit_exactly(tmp_path, method, gate):
-    model = adapted_tiny(method=method, gate=gate)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p))
-    save_adapter(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
-    fresh = load_pretrained(FIXTURES / "tiny_llama")
-    cfg = load_adapter(fresh, tmp_path)  # a plain model gets the saved config's adapters
-    assert (cfg.method, cfg.gate) == (method, gate)
-    a, b = dict(model.named_parameters()), dict(fresh.named_parameters())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    idx = torch.randint(0, 96, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(model(idx), fresh(idx))
-
-
-def test_loading_an_adapter_into_a_mismatched_model_names_the_problem(tmp_path):
-    save_adapter(adapted_tiny("tiny_llama", method="hira", target_modules=["q_proj", "up_proj"]), tmp_path / "llama")
-    with pytest.raises(ValueError, match=r"tensor transformer\.h\.0\.mlp\.up_proj\.lora_B .* has shape \(64, 4\), the model expects \(128, 4\)"):
-        load_adapter(load_pretrained(FIXTURES / "tiny_gpt2"), tmp_path / "llama")  # other widths
-    with pytest.raises(ValueError, match="method='hira' but the model's adapters have method='lora'"):
-        load_adapter(adapted_tiny("tiny_llama", method="lora", target_modules=["q_proj", "up_proj"]), tmp_path / "llama")
-    shallow = load_pretrained(FIXTURES / "tiny_llama")
-    del shallow.transformer.h[1]
-    with pytest.raises(ValueError, match=r"transformer\.h\.1\..* that the model has no place for"):
-        load_adapter(shallow, tmp_path / "llama")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        load_adapter(load_pretrained(FIXTURES / "tiny_llama"), tmp_path / "nothing")
 
 
 def test_gate_entropy_of_a_model_averages_every_gated_layer_over_real_tokens():

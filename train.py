@@ -18,24 +18,21 @@ Start reading at main(); the training loop is train(), the building blocks are a
 """
 
 import argparse
-import json
 import math
 import os
 import resource
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_pretrained, pick_dtype
-from data import LABELS, MIXES, collate, encode_examples, length_grouped_batches, load_task, subset
-from evaluate import before_after, evaluate, hms, read_predictions, summarize, write_predictions
-from files import atomic_write, write_json
-from gatera import (adapter_state_dict, apply_gatera, config_flags, config_from_args, gate_entropy, load_adapter,
-                    save_adapter)
-from gates import GateRecorder, gate_page, gate_report, write_page
+from checkpoints import load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
+from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
+from evaluate import before_after, eval_record, evaluate_tasks, hms, read_predictions, step_line, step_record
+from files import write_json
+from gatera import apply_gatera, config_flags, config_from_args, gate_entropy
+from gates import GateRecorder
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -97,7 +94,7 @@ CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 # -----------------------------------------------------------------------------
-# setup, the data, the schedule
+# setup, the schedule, a batch cut into micro-batches
 
 
 def setup(args):
@@ -133,23 +130,10 @@ def say(text):
         print(text, flush=True)
 
 
-def load_tests(args):
-    """{task: [(index in the task's test file, example)]} of every task to evaluate (the one, or all
-    eight after a mix): a seeded subset of --eval-examples, or all."""
-    tests = {}
-    for t in [args.task] if args.task in LABELS else LABELS:
-        examples = load_task(t, "test", args.data_dir)
-        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
-    return tests
-
-
-def load_training(args, tok):
-    """(the size of the training set, its seeded --train-examples subset encoded: [(ids, labels)])."""
-    examples = load_task(args.task, "train", args.data_dir)
-    chosen = [examples[i] for i in subset(len(examples), args.train_examples, args.seed)]
-    return len(examples), encode_examples(tok, args.task, chosen, fmt=args.format, name=f"{args.task} train",
-                                          cutoff=args.cutoff, train_on_inputs=args.train_on_inputs,
-                                          variant=args.train_prompt)
+def training_steps(args, n_examples):
+    """(steps per epoch, total steps): --max-steps, else --epochs passes over n_examples in batches of --batch-size."""
+    steps_per_epoch = math.ceil(n_examples / args.batch_size)
+    return steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch
 
 
 def lr_at(step, args, total_steps):
@@ -161,9 +145,10 @@ def lr_at(step, args, total_steps):
 
 def micro_batches(idx, encoded, grad_accum, rank, world):
     """This rank's micro-batches of batch idx (of grad_accum over all ranks: rank, rank + world,
-    ...), the whole batch's numbers of target tokens and of real tokens, and its first example (a
-    stand-in for an empty micro-batch). The loss is normalised by the whole batch's counts, so any
-    cut and any number of processes give the same gradient."""
+    ...), the whole batch's numbers of target tokens and of real tokens, and its first example: with
+    DDP every rank must join every all-reduce, so where a short last batch leaves a micro-batch empty,
+    the rank runs this stand-in with weight 0 (its gradient adds zeros). The loss is normalised by the
+    whole batch's counts, so any cut and any number of processes give the same gradient."""
     size = math.ceil(len(idx) / grad_accum)
     micro = [idx[i * size:(i + 1) * size] for i in range(grad_accum)][rank::world]
     n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
@@ -219,115 +204,22 @@ def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, ar
 
 
 # -----------------------------------------------------------------------------
-# the log, the evaluations, the checkpoints
-
-
-def step_record(step, task_loss, entropy, entropy_weight, gates, lr, tokens_seen, elapsed):
-    """log.jsonl's record of a training step: the losses; the gates of this rank's micro-batches (on
-    all positions, each kind weighted by its count; the prompt's, prefill; the answer's, scored);
-    the learning rate; the speed."""
-    n = sum(s["positions"] for s in gates.values())
-    mean = {k: sum(s[k] * s["positions"] for s in gates.values()) / n if n else None
-            for k in ("mean", "below_0.1", "above_0.9")}
-    return {"step": step, "loss": task_loss + entropy_weight * entropy, "task_loss": task_loss, "entropy": entropy,
-            "gate_mean": mean["mean"], "gate_below_0.1": mean["below_0.1"], "gate_above_0.9": mean["above_0.9"],
-            "gate_prompt": gates.get("prefill", {}).get("mean"), "gate_answer": gates.get("scored", {}).get("mean"),
-            "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
-
-
-def step_line(r, total_steps, eta):
-    """The log's line of a training step's record r, with eta: the seconds of training left."""
-    gate = "" if r["gate_mean"] is None else \
-        f" | gate {r['gate_mean']:.3f} (<0.1 {r['gate_below_0.1']:.0%}, >=0.9 {r['gate_above_0.9']:.0%})"
-    return (f"step {r['step']}/{total_steps} | loss {r['loss']:.4f} | task {r['task_loss']:.4f} | H {r['entropy']:.4f}"
-            f"{gate} | lr {r['lr']:.2e} | {r['tokens_per_s']:.0f} tok/s | {hms(r['elapsed_s'])} elapsed, "
-            f"ETA {hms(eta)}")
-
-
-def eval_record(step, results):
-    """log.jsonl's record of an evaluation during training, and its line: each task's accuracy and gates."""
-    keys = ("mean", "below_0.1", "above_0.9", "per_layer")
-    rec = {"step": step, "eval": {t: {"acc": r["acc"], "acc_norm": r["acc_norm"], "gates": {
-        kind: {k: s[k] for k in keys} for kind, s in (r["gates"] or {}).items()}} for t, r in results.items()}}
-    return rec, f"step {step}: " + " | ".join(f"{t} acc {r['acc']:.4f}" + "".join(
-        f", gate {kind} {s['mean']:.3f}" for kind, s in r["gates"].items()) for t, r in rec["eval"].items())
-
-
-def evaluate_tasks(when, model, tok, tests, args, device, metrics=None, what=""):
-    """Scores every test task: ({task: summary}, {task: predictions}). "before" and "after" also write
-    <out>/<when>/<task>/predictions.jsonl (and gates.html with --visualize), put the accuracy, losses
-    and gates into metrics and say them; "during" (every --eval-interval steps) only scores."""
-    results, predictions = {}, {}
-    for t, items in tests.items():
-        recorder = GateRecorder(keep=0 if when == "during" else args.visualize)
-        results[t], predictions[t] = evaluate(model, tok, t, items, args.format, args.eval, args.eval_batch_size,
-                                              device, recorder)
-        folder = os.path.join(args.out, when, t)
-        if when != "during":
-            write_predictions(os.path.join(folder, "predictions.jsonl"), predictions[t])
-        if when != "during" and args.visualize and recorder.kept:
-            title = f"{args.model}, {what}, {t} ({args.format}), {when} training"
-            kept = [items[n][0] for n in sorted(recorder.kept)]
-            write_page(os.path.join(folder, "gates.html"), gate_page(title, recorder, tok, kept, predictions[t]))
-            say(f"wrote {os.path.join(folder, 'gates.html')}")
-    if when != "during":
-        entries, line = summarize(when, results, tests)  # accuracy over all tasks, with its interval; losses
-        metrics.update(entries)
-        say(line)
-        for t, r in results.items():
-            for line in gate_report(r["gates"], f"{when} training" + (f", {t}" if len(results) > 1 else "")):
-                say(line)
-    return results, predictions
-
-
-def write_checkpoint(args, step, model, optimizer, log, metrics, device):
-    """<out>/ckpt.pt (adapter, optimizer, step, RNG states, log, metrics, flags) and <out>/log.jsonl,
-    atomically: a run killed at any moment leaves the last checkpoint whole."""
-    state = {"step": step, "adapter": adapter_state_dict(model), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state(), "log": log, "metrics": metrics, "args": vars(args)}
-    if device.type == "cuda":  # dropout's masks on the GPU come from its own generator
-        state["cuda_rng"] = torch.cuda.get_rng_state(device)
-    atomic_write(os.path.join(args.out, "ckpt.pt"), lambda tmp: torch.save(state, tmp))
-    atomic_write(os.path.join(args.out, "log.jsonl"),
-                 lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
-
-
-def resume(ckpt_path, args, model, optimizer, device):
-    """--resume: the adapter, optimizer and RNG states of ckpt_path, refused if its flags differ from
-    these; returns (step, log, metrics) to continue from."""
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    same = {k: v for k, v in ckpt["args"].items() if k not in ("resume", "out", "device", "eval_only")}
-    changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
-    if changed:
-        sys.exit(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or another --out")
-    for k, v in adapter_state_dict(model).items():
-        v.copy_(ckpt["adapter"][k])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"].cpu())
-    if "cuda_rng" in ckpt:
-        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu(), device)
-    return ckpt["step"], ckpt["log"], ckpt["metrics"]
-
-
-# -----------------------------------------------------------------------------
 # the training loop
 
 
-def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s=None):
-    """Train the adapters from the start, or from <out>/ckpt.pt with --resume; returns the log.
-    Step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch: the order is a function
-    of (seed, s) alone, so a resumed run goes on exactly as the uninterrupted one would."""
-    ddp = torch.distributed.is_initialized()  # under torchrun
+def start_training(args, model, tok, encoded, metrics, rank, world, device, eval_s=None):
+    """The optimizer and the model the steps call (in training mode), then the step and log to start
+    from: those of <out>/ckpt.pt with --resume, else step 0, after the ETA and checkpoint 0. Returns
+    (step_model, optimizer, step, log)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step_model = model  # what the training steps call: maybe a DDP or compiled wrapper; the rest uses model
-    if ddp:
+    if torch.distributed.is_initialized():  # under torchrun
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         step_model = torch.compile(step_model)
-    lengths, steps_per_epoch = [len(ids) for ids, _ in encoded], math.ceil(len(encoded) / args.batch_size)
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = training_steps(args, len(encoded))
     ckpt_path, step, log = os.path.join(args.out, "ckpt.pt"), 0, []
     if args.resume and os.path.exists(ckpt_path):
         step, log, saved = resume(ckpt_path, args, model, optimizer, device)
@@ -336,18 +228,27 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s
     elif args.resume:
         say(f"--resume: no {ckpt_path} yet, starting from scratch")
     if step == 0:  # the ETA, from two timed micro-batches; then checkpoint 0
-        train_s = training_seconds(step_model, optimizer, encoded, length_grouped_batches(
-            lengths, args.batch_size, args.seed), tok.pad_id, device, args, world) * total_steps / steps_per_epoch
+        batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed)
+        train_s = (training_seconds(step_model, optimizer, encoded, batches, tok.pad_id, device, args, world)
+                   * total_steps / steps_per_epoch)
         say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones)" +
             (f"; with the evaluation after it (as long as the one before, {hms(eval_s)}) about "
              f"{hms(train_s + eval_s)} to go" if eval_s else ""))
         if rank == 0:
             write_checkpoint(args, step, model, optimizer, log, metrics, device)
-
     say(f"training on {len(encoded)} examples: {total_steps} steps of {args.batch_size} examples, "
         f"{world} process(es), lr {args.lr:g}, entropy weight {args.entropy_weight:g}")
     step_model.train()
-    t0, tokens_seen, step0, epoch = time.time(), 0, step, None
+    return step_model, optimizer, step, log
+
+
+def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s=None):
+    """Train the adapters from the start, or from <out>/ckpt.pt with --resume; returns the log.
+    Step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch: the order is a function
+    of (seed, s) alone, so a resumed run goes on exactly as the uninterrupted one would."""
+    step_model, optimizer, step, log = start_training(args, model, tok, encoded, metrics, rank, world, device, eval_s)
+    (steps_per_epoch, total_steps), ckpt_path = training_steps(args, len(encoded)), os.path.join(args.out, "ckpt.pt")
+    ddp, t0, tokens_seen, step0, epoch = torch.distributed.is_initialized(), time.time(), 0, step, None
     while step < total_steps:
         # the learning rate of this step
         lr = lr_at(step, args, total_steps)
@@ -356,7 +257,7 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s
         # this step's batch (new batches each epoch), cut into this rank's micro-batches
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
-            batches = length_grouped_batches(lengths, args.batch_size, args.seed + epoch)
+            batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed + epoch)
         micro, n_targets, n_real, first = micro_batches(batches[step % steps_per_epoch], encoded, args.grad_accum,
                                                         rank, world)
         # forward and backward of each micro-batch: their gradients add up to the batch's
@@ -368,9 +269,7 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s
                 continue
             if ddp:  # only the last micro-batch all-reduces the gradients
                 step_model.require_backward_grad_sync = m == len(micro) - 1
-            # With DDP every rank must join every all-reduce: where a short last batch leaves this rank's
-            # micro-batch empty, it runs one example of the batch with weight 0 (its gradient adds zeros).
-            weight = 1.0 if mb else 0.0
+            weight = 1.0 if mb else 0.0  # 0: DDP's stand-in for an empty micro-batch (see micro_batches)
             batch = [t.to(device) for t in collate([encoded[i] for i in mb or first], tok.pad_id)]
             stats += weight * forward_backward(step_model, batch, n_targets, n_real, args.entropy_weight,
                                                weight * world, recorder if mb else None)
@@ -382,7 +281,7 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s
             sys.exit(f"step {step + 1}: the loss is {task_loss + args.entropy_weight * entropy} (not finite); "
                      f"stopping. The last good checkpoint is {ckpt_path}: lower --lr or check the data, then --resume")
         # clip the gradient, update the adapters, clear the gradient
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.grad_clip)  # the adapters' parameters
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step, tokens_seen = step + 1, tokens_seen + stats[2].item()
@@ -403,6 +302,31 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s
         if rank == 0 and (step % args.ckpt_interval == 0 or step == total_steps):
             write_checkpoint(args, step, model, optimizer, log, metrics, device)
     return log
+
+
+def finish(args, model, tok, tests, before, log, metrics, device, what, t_start):
+    """The end of a run: evaluate after training, save the adapter, compare with the evaluation before
+    (McNemar's test; after --resume it is read back from disk), write metrics.json."""
+    _, after, lines = evaluate_tasks("after", model, tok, tests, args, device, metrics, what)
+    say("\n".join(lines))
+    save_adapter(model, os.path.join(args.out, "adapter"))
+    for t, preds in after.items():
+        before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
+        if t in before or os.path.exists(before_file):
+            lines, metrics.setdefault("mcnemar", {})[t] = before_after(
+                t, before.get(t) or read_predictions(before_file), preds)
+            say("\n".join(lines))
+    train_log = [r for r in log if "task_loss" in r]
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    metrics.update({"train_loss_first": train_log[0]["task_loss"] if train_log else None,
+                    "train_loss_last": train_log[-1]["task_loss"] if train_log else None,
+                    "tokens_per_s": train_log[-1]["tokens_per_s"] if train_log else None,
+                    "steps": training_steps(args, metrics["n_train"])[1], "peak_memory_mb": peak / 2**20,
+                    "wall_s": time.time() - t_start})
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    say(f"wrote {args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl "
+        f"({hms(time.time() - t_start)} in all)")
 
 
 # -----------------------------------------------------------------------------
@@ -434,14 +358,14 @@ def main(argv=None):
                "dtype": str(dtype).removeprefix("torch."), "n_eval": sum(map(len, tests.values())), "args": vars(args)}
     t_start = time.time()
     if args.eval_only:
-        evaluate_tasks("after", model, tok, tests, args, device, metrics, what)
+        say("\n".join(evaluate_tasks("after", model, tok, tests, args, device, metrics, what)[2]))
         metrics["wall_s"] = time.time() - t_start
         write_json(os.path.join(args.out, "metrics.json"), metrics)
         return metrics
 
     # the training examples, and the budget: how many examples, how many steps
     n_available, encoded = load_training(args, tok)
-    total_steps = args.max_steps or args.epochs * math.ceil(len(encoded) / args.batch_size)
+    total_steps = training_steps(args, len(encoded))[1]
     metrics["n_train"] = len(encoded)
     if preset:
         say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
@@ -453,7 +377,8 @@ def main(argv=None):
     before, eval_s, resuming = {}, None, args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt"))
     if rank == 0 and not args.skip_eval_before and not resuming:
         eval_s = time.time()
-        before = evaluate_tasks("before", model, tok, tests, args, device, metrics, what)[1]
+        _, before, lines = evaluate_tasks("before", model, tok, tests, args, device, metrics, what)
+        say("\n".join(lines))
         eval_s = time.time() - eval_s
     apply_gatera(model, cfg)
     n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every)
@@ -462,26 +387,9 @@ def main(argv=None):
 
     log = train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s)
 
-    # evaluate after, test the difference (after --resume, the evaluation before is read back), write
+    # evaluate after, test the difference against before, write the adapter and the metrics
     if rank == 0:
-        after = evaluate_tasks("after", model, tok, tests, args, device, metrics, what)[1]
-        save_adapter(model, os.path.join(args.out, "adapter"))
-        for t, preds in after.items():
-            before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
-            if t in before or os.path.exists(before_file):
-                lines, metrics.setdefault("mcnemar", {})[t] = before_after(
-                    t, before.get(t) or read_predictions(before_file), preds)
-                say("\n".join(lines))
-        train_log = [r for r in log if "task_loss" in r]
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        metrics.update({"train_loss_first": train_log[0]["task_loss"] if train_log else None,
-                        "train_loss_last": train_log[-1]["task_loss"] if train_log else None,
-                        "tokens_per_s": train_log[-1]["tokens_per_s"] if train_log else None,
-                        "steps": total_steps, "peak_memory_mb": peak / 2**20, "wall_s": time.time() - t_start})
-        write_json(os.path.join(args.out, "metrics.json"), metrics)
-        say(f"wrote {args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl "
-            f"({hms(time.time() - t_start)} in all)")
+        finish(args, model, tok, tests, before, log, metrics, device, what, t_start)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

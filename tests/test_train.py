@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import train
-from gatera import load_adapter
-from checkpoints import load_pretrained
+from checkpoints import load_adapter, load_pretrained
 from tokenizer import load_tokenizer
 from tests.conftest import ROOT, logits, PIQA
 
