@@ -54,6 +54,7 @@ from importlib.util import find_spec
 import torch
 import torch.nn.functional as F
 
+from cli import POSITIVE, POSITIVE_INT, UserError, pick_device, run, text, writable_folder
 from files import write_json
 from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
@@ -65,36 +66,49 @@ DTYPES = ["smollm2-lora", "smollm2-gatera"]  # SmolLM2-135M's shape, a frozen ba
 SMOLLM2 = GPTConfig(arch="llama", vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                     mlp_hidden=1536, attn_bias=False, mlp_bias=False, rope_theta=100000.0)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
+EVERY = OURS + PLAIN + PEFT + DTYPES + ["generate"]  # every row, in the order they run
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--batch", type=int, default=8)
-parser.add_argument("--seq", type=int, default=256)
-parser.add_argument("--layers", type=int, default=12)
-parser.add_argument("--rank", type=int, default=32)
-parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
-parser.add_argument("--warmup", type=int, default=3,
-                    help="untimed steps before them (at least 1; the first steps run slower while memory is first mapped)")
-parser.add_argument("--prompt", type=int, default=128, help="generation: prompt tokens")
-parser.add_argument("--new", type=int, default=64, help="generation: new tokens")
-parser.add_argument("--device", default="cpu")
-parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(OURS + PLAIN + PEFT + DTYPES + ["generate"]))
-parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for MFU")
-parser.add_argument("--out", default="bench.json")
+parser.add_argument("--batch", type=POSITIVE_INT, default=8)
+parser.add_argument("--seq", type=POSITIVE_INT, default=256)
+parser.add_argument("--layers", type=POSITIVE_INT, default=12)
+parser.add_argument("--rank", type=POSITIVE_INT, default=32)
+parser.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed steps per row")
+parser.add_argument("--warmup", type=POSITIVE_INT, default=3,
+                    help="untimed steps before them (at least 1: the first step also measures the peak memory, and "
+                    "the first steps run slower while memory is first mapped)")
+parser.add_argument("--prompt", type=POSITIVE_INT, default=128, help="generation: prompt tokens")
+parser.add_argument("--new", type=POSITIVE_INT, default=64, help="generation: new tokens")
+parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
+                    help="default: float32 on CPU, bfloat16 on CUDA")
+parser.add_argument("--rows", default=None, help="comma-separated subset of: " + ", ".join(EVERY))
+parser.add_argument("--peak-tflops", type=POSITIVE, default=None, help="the device's peak, for MFU")
+parser.add_argument("--out", type=text, default="bench.json")
 parser.add_argument("--quick", action="store_true", help="sanity run: 2 layers, batch 2 x 64, 1 timed step")
 parser.add_argument("--profile", default=None, metavar="ROW", help="print torch.profiler's table of one warm step, by operator")
 parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one row here, print its JSON
 
 
 def parse_args(argv=None):
+    """The flags, checked before any row runs: known rows, a device this machine has, a writable --out."""
     args = parser.parse_args(argv)
+    asked = set(args.rows.split(",") if args.rows else []) | ({args.profile} if args.profile else set())
+    unknown = sorted(asked - set(EVERY))
+    if unknown:
+        raise UserError(f"--rows / --profile: unknown row(s) {unknown}; choose from {', '.join(EVERY)}")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder: give the JSON file to write, e.g. {args.out}/bench.json")
+    writable_folder(os.path.dirname(args.out) or ".", "--out")
     if args.quick:
         args.layers, args.batch, args.seq, args.steps, args.prompt, args.new = 2, 2, 64, 1, 16, 8
-    args.warmup = max(args.warmup, 1)  # the first step also measures the peak memory
-    args.device = torch.device(args.device)
+    args.device = pick_device(args.device)
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.type == "cuda" else torch.float32)
     args.gpt = GPTConfig(n_layer=args.layers)  # GPT-2 124M: 12 heads, 768 wide, vocab 50257
+    if max(args.seq, args.prompt + args.new) > args.gpt.block_size:  # GPT-2's learned positions
+        raise UserError(f"--seq {args.seq} and --prompt + --new ({args.prompt + args.new}) must each fit GPT-2's "
+                        f"{args.gpt.block_size} positions")
     return args
 
 
@@ -364,13 +378,7 @@ def choose_rows(args):
     """The rows to run (--rows, else every row; the PEFT rows only with peft and transformers installed),
     after a header that says the settings."""
     have_peft = find_spec("peft") is not None and find_spec("transformers") is not None
-    every = OURS + PLAIN + PEFT + DTYPES + ["generate"]
-    rows = [r for r in every if have_peft or r not in PEFT]
-    if args.rows:
-        rows = args.rows.split(",")
-        unknown = set(rows) - set(every)
-        if unknown:
-            raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {', '.join(every)}")
+    rows = args.rows.split(",") if args.rows else [r for r in EVERY if have_peft or r not in PEFT]  # checked in parse_args
     print(f"GPT-2-124M shape with {args.layers} layers (768 wide, 12 heads, vocab 50257), batch {args.batch} x "
           f"{args.seq}, {args.device.type} {str(args.dtype).removeprefix('torch.')}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}; {args.steps} timed steps after {args.warmup} untimed")
@@ -483,8 +491,8 @@ def check_other_goals(dtype_rows, generation, args, goals):
 def main():
     args = parse_args()
     if args.child:  # one row, in this fresh process: its JSON on stdout (or, with --profile, the table)
-        run = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
-        result = run(args) if args.child == "generate" else run(args.child, args)
+        run_one = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
+        result = run_one(args) if args.child == "generate" else run_one(args.child, args)
         if not args.profile:
             print(json.dumps(result))
         return
@@ -515,4 +523,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from cli import UserError
+
 # -----------------------------------------------------------------------------
 # the tasks and their pinned files
 
@@ -73,12 +75,12 @@ def task_path(task, split):
     """The upstream path of a task's split, e.g. dataset/piqa/test.json."""
     if task in MIXES:
         if split != "train":
-            raise ValueError(f"{task} is a training mix and has no {split!r} split: use split='train'")
+            raise UserError(f"{task} is a training mix and has no {split!r} split: use split='train'")
         return f"ft-training_set/{task}.json"
     if task not in LABELS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join([*LABELS, *MIXES])}")
+        raise UserError(f"unknown task {task!r}: choose one of {', '.join([*LABELS, *MIXES])}")
     if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r} for {task}: use 'train' or 'test'")
+        raise UserError(f"unknown split {split!r} for {task}: use 'train' or 'test'")
     return f"dataset/{task}/{split}.json"
 
 
@@ -98,9 +100,9 @@ def git_blob(data):
 
 def check_blob(data, name, rel, then=""):
     if (got := git_blob(data)) != BLOBS[rel]:
-        raise ValueError(f"{name}: git blob {got} ({len(data)} bytes) is not the pinned {rel} of LLM-Adapters "
-                         f"{COMMIT[:12]} (git blob {BLOBS[rel]}): the file is truncated, corrupt or another "
-                         f"version; the pinned file is {URL}/{rel}{then}")
+        raise UserError(f"{name}: git blob {got} ({len(data)} bytes) is not the pinned {rel} of LLM-Adapters "
+                        f"{COMMIT[:12]} (git blob {BLOBS[rel]}): the file is truncated, corrupt or another "
+                        f"version; the pinned file is {URL}/{rel}{then}")
 
 
 def cache_dir():
@@ -127,13 +129,13 @@ def download(rel, file):
                               end="", file=sys.stderr, flush=True)
                 print(file=sys.stderr)
         except (OSError, http.client.HTTPException) as e:  # no network, refused, timeout, HTTP 404 ...
-            raise FileNotFoundError(
+            raise UserError(
                 f"could not download {url} ({e}). Without network, put that file at {file}, or pass "
                 f"--data-dir DIR with it at DIR/{rel} (a checkout of github.com/AGI-Edgerunners/LLM-Adapters at "
                 f"commit {COMMIT[:12]} has that layout)") from None
         data = tmp.read_bytes()
         if size and len(data) != size:
-            raise ValueError(f"{url}: download truncated, {len(data)} of {size} bytes; nothing was cached, try again")
+            raise UserError(f"{url}: download truncated, {len(data)} of {size} bytes; nothing was cached, try again")
         check_blob(data, url, rel, then="; nothing was cached")
         os.replace(tmp, file)
         return data
@@ -152,8 +154,8 @@ def fetch(rel, data_dir=None):
     if data_dir is not None:
         file = Path(data_dir) / rel
         if not file.is_file():
-            raise FileNotFoundError(f"{file} not found: --data-dir must hold the LLM-Adapters layout, "
-                                    f"put {URL}/{rel} there")
+            raise UserError(f"{file} not found: --data-dir must hold the LLM-Adapters layout, "
+                            f"put {URL}/{rel} there")
         data = file.read_bytes()
         blob = git_blob(data)
         if blob != BLOBS[rel] and str(file) not in WARNED:  # your own data: validated, not refused
@@ -168,7 +170,7 @@ def fetch(rel, data_dir=None):
         try:
             data = lzma.decompress(shipped.read_bytes())
         except lzma.LZMAError as e:
-            raise ValueError(f"{shipped}: not a complete xz file ({e}){restore}") from None
+            raise UserError(f"{shipped}: not a complete xz file ({e}){restore}") from None
         check_blob(data, shipped, rel, then=restore)
         return data, str(shipped)
     file = cache_dir() / rel
@@ -191,25 +193,25 @@ def parse_examples(data, name, task):
     try:
         rows = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: not UTF-8 text (byte {e.start}): {e.reason}") from None
+        raise UserError(f"{name}: not UTF-8 text (byte {e.start}): {e.reason}") from None
     except json.JSONDecodeError as e:
         what = "file is empty" if not data.strip() else f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        raise ValueError(f"{name}: {what}; expected a JSON list of examples") from None
+        raise UserError(f"{name}: {what}; expected a JSON list of examples") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{name}: expected a JSON list of examples, got a JSON {type(rows).__name__}")
+        raise UserError(f"{name}: expected a JSON list of examples, got a JSON {type(rows).__name__}")
     if not rows:
-        raise ValueError(f"{name}: the list holds no examples")
+        raise UserError(f"{name}: the list holds no examples")
     examples = []
     for i, row in enumerate(rows):
         where = f"{name}: example {i}"
         if not isinstance(row, dict):
-            raise ValueError(f"{where} is a JSON {type(row).__name__}, expected an object")
+            raise UserError(f"{where} is a JSON {type(row).__name__}, expected an object")
         if missing := [k for k in ("instruction", "output", "answer") if not isinstance(row.get(k), str)]:
-            raise ValueError(f"{where} lacks the string field(s) {missing} (it has {sorted(row)})")
+            raise UserError(f"{where} lacks the string field(s) {missing} (it has {sorted(row)})")
         if row.get("input"):
-            raise ValueError(f"{where} has a non-empty 'input': the commonsense prompt has no input section")
+            raise UserError(f"{where} has a non-empty 'input': the commonsense prompt has no input section")
         if row["answer"] not in labels:
-            raise ValueError(f"{where}: answer {row['answer']!r} is not one of {task}'s labels {'|'.join(labels)}")
+            raise UserError(f"{where}: answer {row['answer']!r} is not one of {task}'s labels {'|'.join(labels)}")
         examples.append({"instruction": row["instruction"], "input": "", "output": row["output"],
                          "answer": row["answer"]})
     return examples
@@ -249,7 +251,7 @@ def train_prompt(instruction, output, variant="eval"):
         return eval_prompt(instruction) + output
     if variant == "reference":
         return _prompt(instruction, "  ", " " * 16) + output
-    raise ValueError(f"unknown training prompt variant {variant!r}: use 'eval' or 'reference'")
+    raise UserError(f"unknown training prompt variant {variant!r}: use 'eval' or 'reference'")
 
 
 def extract_answer(task, text):
@@ -311,7 +313,7 @@ def parse_instruction(task, instruction):
     (PIQA's "can store footballs  "), because lm-eval scores " " + the field as it is: the field is
     the shortest text followed by exactly one SEPARATOR and the next marker (a pattern of any run of
     whitespace would take the field's own trailing spaces for part of the separator).
-    Raises ValueError when the instruction does not have its task's shape."""
+    Raises UserError when the instruction does not have its task's shape."""
     task = template_task(task, instruction)
     prefix, marker = PREFIXES.get(task, PREFIXES["ARC-Easy"]), MARKERS.get(task, "Answer")
     m = re.search(r"Answer format: (\S+)$", instruction)
@@ -319,8 +321,8 @@ def parse_instruction(task, instruction):
     pattern = re.escape(prefix) + "(.*?)" + "".join(rf"{SEPARATOR}{marker}{k}: (.*?)" for k in range(1, n + 1))
     match = re.fullmatch(pattern + SEPARATOR + r"Answer format: \S+", instruction, re.S) if m else None
     if match is None or not all(field.strip() for field in match.groups()):
-        raise ValueError(f"not a {task} instruction of LLM-Adapters (expected {prefix!r}, then the question, "
-                         f"{marker}1: ... and 'Answer format: ...'): {instruction[:200]!r}")
+        raise UserError(f"not a {task} instruction of LLM-Adapters (expected {prefix!r}, then the question, "
+                        f"{marker}1: ... and 'Answer format: ...'): {instruction[:200]!r}")
     question, *choices = match.groups()
     return question, choices
 
@@ -349,7 +351,7 @@ def cloze_choices(task, instruction):
         return [(CONTEXTS["boolq"].format(question), " yes"), (CONTEXTS["boolq"].format(question), " no")]
     if task == "winogrande":
         if question.count("_") != 1:
-            raise ValueError(f"a winogrande sentence has one blank '_', this has {question.count('_')}: {question!r}")
+            raise UserError(f"a winogrande sentence has one blank '_', this has {question.count('_')}: {question!r}")
         blank = question.index("_")
         return [(question[:blank] + option, " " + question[blank + 1:].strip()) for option in choices]
     if task == "hellaswag":

@@ -29,15 +29,17 @@ import itertools
 import json
 import math
 import os
+import resource
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from cli import UserError, run
 from data import (cloze_choices, collate_prompts, encode_example, encode_pair, extract_answer, gold_index,
                   label_choices, pad)
-from files import atomic_write
+from files import atomic_write, write_json
 from gates import GateRecorder, gate_page, gate_report, write_page
 from model import KVCache
 
@@ -271,6 +273,10 @@ def mcnemar(first, second, key="pred"):
 def comparison(runs):
     """Lines of a table: each run's acc (and acc_norm) with its 95 % interval, and McNemar's test of
     each against the first run. runs: [(name, predictions)] on the same items."""
+    for name, preds in runs[1:]:  # McNemar's test pairs the items: the files must hold the same ones
+        if {p["index"] for p in preds} != {p["index"] for p in runs[0][1]}:
+            raise UserError(f"{name} and {runs[0][0]} hold predictions on different test items; compare the "
+                            "evaluations of one test set (the same task, --eval-examples and seed)")
     keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for _, preds in runs for p in preds) else [])
     width = max(len(name) for name, _ in runs)
     lines = [f"{'':{width}s} {'n':>5s}  " + "  ".join(f"{'acc' if k == 'pred' else 'acc_norm':<40s}" for k in keys)]
@@ -328,35 +334,53 @@ def write_predictions(path, predictions):
 
 
 def read_predictions(path):
-    with open(path) as f:
+    """The predictions in a predictions.jsonl file, one JSON object a line as write_predictions writes
+    them; a missing, empty or damaged file is a UserError naming it (and the line)."""
+    again = "pass a predictions.jsonl that train.py wrote (<out>/<when>/<task>/predictions.jsonl)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it as text ({e}); {again}") from e
+    predictions = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            return [json.loads(line) for line in f if line.strip()]
+            p = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a predictions.jsonl file (line {e.lineno}: {e.msg})") from None
+            raise UserError(f"{path}: not a predictions.jsonl file (line {n}: {e.msg}); {again}") from e
+        missing = [k for k in ("index", "pred", "gold") if k not in p] if isinstance(p, dict) else ["an object"]
+        if missing:
+            raise UserError(f"{path}: line {n} is not a prediction (it lacks {', '.join(missing)}); {again}")
+        predictions.append(p)
+    if not predictions:
+        raise UserError(f"{path} holds no predictions (it is empty); {again}")
+    return predictions
 
 
 # -----------------------------------------------------------------------------
 # a training run's log and test sets: train.py's log records and its evaluations before, during and after
 
 
-def evaluate_tasks(when, model, tok, tests, args, device, metrics=None, what=""):
+def evaluate_tasks(when, model, tok, tests, args, device, metrics=None, what="", folder=None):
     """Scores every test task: ({task: summary}, {task: predictions}, lines for the log). "before" and
-    "after" also write <out>/<when>/<task>/predictions.jsonl (and gates.html with --visualize) and put
-    the accuracy, losses and gates into metrics and the lines; "during" (every --eval-interval steps)
-    only scores."""
+    "after" also write <folder>/<task>/predictions.jsonl (folder: default <out>/<when>; --eval-only
+    gives <out>/eval-<n>) and gates.html with --visualize, and put the accuracy, losses and gates into
+    metrics and the lines; "during" (every --eval-interval steps) only scores."""
     results, predictions, lines = {}, {}, []
     for t, items in tests.items():
         recorder = GateRecorder(keep=0 if when == "during" else args.visualize)
         results[t], predictions[t] = evaluate(model, tok, t, items, args.format, args.eval, args.eval_batch_size,
                                               device, recorder)
-        folder = os.path.join(args.out, when, t)
+        task_folder = os.path.join(folder or os.path.join(args.out, when), t)
         if when != "during":
-            write_predictions(os.path.join(folder, "predictions.jsonl"), predictions[t])
+            write_predictions(os.path.join(task_folder, "predictions.jsonl"), predictions[t])
         if when != "during" and args.visualize and recorder.kept:
             title = f"{args.model}, {what}, {t} ({args.format}), {when} training"
             kept = [items[n][0] for n in sorted(recorder.kept)]
-            write_page(os.path.join(folder, "gates.html"), gate_page(title, recorder, tok, kept, predictions[t]))
-            lines.append(f"wrote {os.path.join(folder, 'gates.html')}")
+            write_page(os.path.join(task_folder, "gates.html"), gate_page(title, recorder, tok, kept, predictions[t]))
+            lines.append(f"wrote {os.path.join(task_folder, 'gates.html')}")
     if when != "during":
         entries, line = summarize(when, results, tests)  # accuracy over all tasks, with its interval; losses
         metrics.update(entries)
@@ -366,6 +390,30 @@ def evaluate_tasks(when, model, tok, tests, args, device, metrics=None, what="")
     return results, predictions, lines
 
 
+def evaluate_after(args, model, tok, tests, before, log, metrics, device, what, t_start, folder=None):
+    """The evaluation after training, into <out>/after/ (--eval-only's: before None, into folder), each
+    task compared with the evaluation before on the same items (McNemar's test; after --resume the one
+    before is read back from <out>/before/), metrics.json written beside. Returns the lines to say."""
+    _, after, lines = evaluate_tasks("after", model, tok, tests, args, device, metrics, what, folder)
+    for t, preds in after.items():
+        before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
+        if before is not None and (t in before or os.path.exists(before_file)):
+            compared, metrics.setdefault("mcnemar", {})[t] = before_after(
+                t, before.get(t) or read_predictions(before_file), preds)
+            lines += compared
+    train_log = [r for r in log if "task_loss" in r]
+    if train_log:
+        metrics.update({"train_loss_first": train_log[0]["task_loss"], "train_loss_last": train_log[-1]["task_loss"],
+                        "tokens_per_s": train_log[-1]["tokens_per_s"], "steps": train_log[-1]["step"]})
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    metrics.update({"peak_memory_mb": peak / 2**20, "wall_s": time.time() - t_start})
+    write_json(os.path.join(folder or args.out, "metrics.json"), metrics)
+    wrote = f"{folder}: predictions, metrics.json" if folder else \
+        f"{args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl"
+    return "\n".join(lines + [f"wrote {wrote} ({hms(time.time() - t_start)} in all)"])
+
+
 def eval_record(step, results):
     """log.jsonl's record of an evaluation during training, and its line: each task's accuracy and gates."""
     keys = ("mean", "below_0.1", "above_0.9", "per_layer")
@@ -373,16 +421,6 @@ def eval_record(step, results):
         kind: {k: s[k] for k in keys} for kind, s in (r["gates"] or {}).items()}} for t, r in results.items()}}
     return rec, f"step {step}: " + " | ".join(f"{t} acc {r['acc']:.4f}" + "".join(
         f", gate {kind} {s['mean']:.3f}" for kind, s in r["gates"].items()) for t, r in rec["eval"].items())
-
-
-if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit(__doc__)
-    try:
-        for line in comparison([(path, read_predictions(path)) for path in sys.argv[1:]]):
-            print(line)
-    except (OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
 
 
 def step_record(step, task_loss, entropy, entropy_weight, gates, lr, tokens_seen, elapsed):
@@ -408,4 +446,20 @@ def step_line(r, total_steps, eta):
 
 
 # -----------------------------------------------------------------------------
-# the training loop
+# the command line: python evaluate.py A.jsonl B.jsonl ...
+
+
+def main(argv=None):
+    """Prints each predictions file's accuracy with its 95 % interval and McNemar's test of each against
+    the first; returns the lines."""
+    paths = sys.argv[1:] if argv is None else argv
+    if len(paths) < 2:
+        raise UserError("give two or more predictions.jsonl files to compare, the baseline first: python evaluate.py "
+                        "out/before/piqa/predictions.jsonl out/after/piqa/predictions.jsonl")
+    lines = comparison([(path, read_predictions(path)) for path in paths])
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    run(main)

@@ -45,8 +45,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import (GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, checkpoint_files, config_from_hf, load_adapter,
-                         load_pretrained)
+from checkpoints import (GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, check_adapter, checkpoint_files, config_from_hf,
+                         load_adapter, load_pretrained)
+from cli import UserError, run, text, writable_folder
 from files import atomic_write
 from gatera import GateRAConfig, adapted_layers, apply_gatera, refuse_token_gate, row_norm
 
@@ -203,8 +204,8 @@ def export_peft(model, out_dir, base_name_or_path):
     layers = adapted_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no adapters (call apply_gatera or load_adapter first)")
-    refuse_token_gate(model, "export_peft")
     cfg = layers[0][1].config
+    refuse_token_gate(cfg, "export_peft")
     tensors, ranks = peft_tensors(model, layers, cfg.method)
     config = peft_config(cfg, model.config.arch, tensors, ranks, base_name_or_path)
     flat = {f"{PREFIX}{module}.{kind}": v.contiguous().cpu() for module, t in tensors.items() for kind, v in t.items()}
@@ -408,7 +409,8 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
     tokenizer lives inside the .gguf: transformers' AutoTokenizer.from_pretrained(folder, gguf_file=name)
     can rebuild it. Each merged weight is computed in fp32 and cast once to dtype; the default fp32 keeps
     a small update that bf16 would round away (see gatera.merge_gatera)."""
-    refuse_token_gate(model, "merge_to_hf")
+    for _, layer in adapted_layers(model):
+        refuse_token_gate(layer.config, "merge_to_hf")
     path = checkpoint_files(source, ["config.json", *TOKENIZER_FILES])
     arch = model.config.arch
     if path.suffix == ".gguf":
@@ -443,19 +445,34 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
 # the command line: a trained adapter out as PEFT's adapter or as a merged checkpoint
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--adapter", required=True, help="the adapter folder (train.py's <out>/adapter)")
-parser.add_argument("--model", default="smollm2", help="the base it was trained on, as train.py's --model: "
-                    "smollm2, a Hub id, a local Hugging Face folder or a .gguf file")
-parser.add_argument("--peft", metavar="OUT", help="write the adapter in PEFT's layout (gate none or static)")
-parser.add_argument("--merged", metavar="OUT",
+parser.add_argument("--adapter", type=text, required=True, help="the adapter folder (train.py's <out>/adapter)")
+parser.add_argument("--model", type=text, default="smollm2", help="the base it was trained on, as train.py's "
+                    "--model: smollm2, a Hub id, a local Hugging Face folder or a .gguf file")
+parser.add_argument("--peft", type=text, metavar="OUT", help="write the adapter in PEFT's layout (gate none or static)")
+parser.add_argument("--merged", type=text, metavar="OUT",
                     help="write the merged model as a Hugging Face checkpoint folder (gate none or static)")
+
+
+def check(args):
+    """Every check before the model loads: something to write, into folders that can be written and
+    are not the inputs (their files would be replaced), and the adapter's files."""
+    if not (args.peft or args.merged):
+        parser.error("nothing to write: give --peft OUT, --merged OUT, or both")
+    inputs = {os.path.realpath(path): flag for flag, path in (("--adapter", args.adapter), ("--model", args.model))
+              if os.path.isdir(path)}
+    for flag, out in (("--peft", args.peft), ("--merged", args.merged)):
+        if out and os.path.realpath(out) in inputs:
+            raise UserError(f"{flag} {out} is the {inputs[os.path.realpath(out)]} folder, whose files it would "
+                            "replace: give another folder")
+        if out:
+            writable_folder(out, flag)
+    refuse_token_gate(check_adapter(args.adapter), f"export.py --adapter {args.adapter}")  # before the model loads
 
 
 def main(argv=None):
     """Writes --peft and / or --merged; returns {"peft": OUT, "merged": OUT} of what it wrote."""
     args = parser.parse_args(argv)
-    if not (args.peft or args.merged):
-        parser.error("nothing to write: give --peft OUT, --merged OUT, or both")
+    check(args)
     model = load_pretrained(args.model, dtype=torch.float32).requires_grad_(False)  # merge and export in fp32
     load_adapter(model, args.adapter)
     written = {}
@@ -472,7 +489,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:  # bad input: the message, not a traceback
-        raise SystemExit(f"error: {e}")
+    run(main)

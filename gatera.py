@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import FINITE, NONNEGATIVE, POSITIVE_INT, UserError, number, text
 from fused import DoRAScaledBase, HiRAGated, HiRAMerged, LowRankTokenGated, add_linear
 
 METHODS = ("lora", "dora", "hira")
@@ -69,14 +70,14 @@ class GateRAConfig:
                   (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
                   (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
                   (self.method != "hira" or self.dropout == 0, "HiRA uses no dropout (its update is W0 * (BA)); "
-                   "set dropout=0"),
+                   "set dropout=0 (--dropout 0)"),
                   (math.isfinite(self.gate_init_std) and self.gate_init_std >= 0,
                    f"gate_init_std must be a finite number >= 0, got {self.gate_init_std}"),
                   (math.isfinite(self.gate_init_bias), f"gate_init_bias must be finite, got {self.gate_init_bias}"),
                   (bool(self.target_modules), "target_modules is empty: name the linear layers to adapt")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"GateRAConfig: {message}")
+                raise UserError(f"GateRAConfig: {message}")
 
     @property
     def scale(self):
@@ -88,20 +89,23 @@ class GateRAConfig:
 
 def config_flags(parser):
     """Add one command-line flag per GateRAConfig field (--method, --rank, ..., --fused/--no-fused),
-    with the field's default and help: the adapter's settings are written down once, in the config."""
+    with the field's default and help: the adapter's settings are written down once, in the config.
+    A number is checked as argparse parses it (cli's types), so a bad one fails at once, naming the flag."""
+    checked = {"rank": POSITIVE_INT, "alpha": FINITE, "dropout": number(float, 0, 1, high_open=True),
+               "gate_init_std": NONNEGATIVE, "gate_init_bias": FINITE}
     for f in fields(GateRAConfig):
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         elif f.type is tuple:
-            parser.add_argument(flag, default=",".join(f.default), help=help)
+            parser.add_argument(flag, type=text, default=",".join(f.default), help=help)
         else:
             choices = {"method": METHODS, "gate": GATES}.get(f.name)
-            parser.add_argument(flag, type=f.type, default=f.default, choices=choices, help=help)
+            parser.add_argument(flag, type=checked.get(f.name, f.type), default=f.default, choices=choices, help=help)
 
 
 def config_from_args(args):
-    """The GateRAConfig that config_flags' flags describe."""
+    """The GateRAConfig that config_flags' flags describe (it refuses a combination such as HiRA with dropout)."""
     return GateRAConfig(**{f.name: getattr(args, f.name) for f in fields(GateRAConfig)})
 
 
@@ -282,20 +286,25 @@ def adapted_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
 
 
+def target_layers(model, target_modules):
+    """The names of the nn.Linear layers of `model` whose attribute name is in target_modules; a name
+    that matches none is an error that lists the names there are."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n in linears if n.rsplit(".", 1)[-1] in target_modules]
+    missing = [t for t in target_modules if t not in {n.rsplit(".", 1)[-1] for n in chosen}]
+    if missing:
+        raise UserError(f"target module(s) {missing} match no nn.Linear in the model (--target-modules); "
+                        f"its linear layers are named {sorted({n.rsplit('.', 1)[-1] for n in linears})}")
+    return chosen
+
+
 def apply_gatera(model, cfg: GateRAConfig):
     """Freeze every parameter of `model` and wrap each nn.Linear whose attribute name is in
     cfg.target_modules in an AdaptedLinear. Returns the names of the adapted modules."""
     if adapted_layers(model):
         raise ValueError("apply_gatera: the model already has adapters; build a fresh model to adapt it again")
+    chosen = target_layers(model, cfg.target_modules)
     model.requires_grad_(False)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [n for n, _ in linears if n.rsplit(".", 1)[-1] in cfg.target_modules]
-    found = {n.rsplit(".", 1)[-1] for n in chosen}
-    missing = [t for t in cfg.target_modules if t not in found]
-    if missing:
-        available = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
-        raise ValueError(f"apply_gatera: target(s) {missing} match no nn.Linear in the model; "
-                         f"linear layers are named {available}")
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -322,15 +331,14 @@ def gate_entropy(gates, mask=None):
     return (h * mask).sum() / (mask.sum().clamp_min(1) * len(gates))
 
 
-def refuse_token_gate(model, what):
+def refuse_token_gate(cfg, what):
     """The one refusal of a token gate, for merging and for export: g(x) differs per token, so no
     single weight holds the update, and PEFT's layers have no gate to carry it."""
-    for name, layer in adapted_layers(model):
-        if layer.config.gate == "token":
-            raise ValueError(f"{what}: {name} has a token gate g(x) = sigmoid(w_g . x + b_g), which scales the "
-                             "update differently for every token, so no single weight matrix holds it and PEFT "
-                             "cannot express it (its LoRA, DoRA and HiRA layers have no gate); keep the adapter "
-                             "as it is: only gate none or static can be merged or exported")
+    if cfg.gate == "token":
+        raise UserError(f"{what}: the adapter has a token gate g(x) = sigmoid(w_g . x + b_g), which scales the "
+                        "update differently for every token, so no single weight matrix holds it and PEFT cannot "
+                        "express it (its LoRA, DoRA and HiRA layers have no gate); keep the adapter as it is: only "
+                        "gate none or static can be merged or exported")
 
 
 @torch.no_grad()
@@ -341,8 +349,9 @@ def merge_gatera(model):
     dtype's rounding (1e-12 in fp64 in the tests); in bf16 each merged weight is the nearest bf16
     number, within 2^-8 of its value, so a small update can round away where the unmerged layer
     would add it in its own matmul."""
-    refuse_token_gate(model, "merge_gatera")
     layers = adapted_layers(model)
+    for _, layer in layers:
+        refuse_token_gate(layer.config, "merge_gatera")
     for name, layer in layers:
         layer.base.weight.copy_(layer.merged_weight().to(layer.base.weight.dtype))
         parent_name, _, attr = name.rpartition(".")

@@ -15,12 +15,15 @@ files into this GPT. Start reading at GPT.forward.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from cli import UserError
 
 
 @dataclass
@@ -44,10 +47,34 @@ class GPTConfig:
     rope_factors: tuple | None = None  # per-frequency divisors: the llama3 scaling as llama.cpp stores it (rope_freqs)
 
     def __post_init__(self):
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"GPTConfig.arch must be 'gpt2' or 'llama', not {self.arch!r}")
+        """Refuse values no model can be built from (a config.json damaged or edited by hand: UserError,
+        which checkpoints.py re-raises naming the file), then fill in the derived sizes."""
+        def whole(v, low):  # an integer >= low (JSON's true is not one)
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low
+
+        def positive(v):  # a finite number > 0
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+        checks = [("arch", self.arch in ("gpt2", "llama"), "'gpt2' or 'llama'"),
+                  ("n_layer", whole(self.n_layer, 0), "an integer >= 0")]
+        checks += [(f, whole(getattr(self, f), 1), "a positive integer")
+                   for f in ("vocab_size", "block_size", "n_head", "n_embd")]
+        checks += [(f, getattr(self, f) is None or whole(getattr(self, f), 1), "a positive integer or null")
+                   for f in ("n_kv_head", "head_dim", "mlp_hidden")]
+        checks += [(f, positive(getattr(self, f)), "a number > 0") for f in ("norm_eps", "rope_theta")]
+        checks += [(f, isinstance(getattr(self, f), bool), "true or false")
+                   for f in ("attn_bias", "mlp_bias", "tie_embeddings")]
+        for name, ok, wanted in checks:
+            if not ok:
+                raise UserError(f"GPTConfig.{name} must be {wanted}, got {getattr(self, name)!r}")
         self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:  # each key/value head serves n_head / n_kv_head query heads
+            raise UserError(f"GPTConfig.n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise UserError(f"GPTConfig.n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         self.head_dim = self.head_dim or self.n_embd // self.n_head
+        if self.arch == "llama" and self.head_dim % 2:  # RoPE rotates pairs of a head's dimensions
+            raise UserError(f"GPTConfig.head_dim {self.head_dim} is odd; rotary positions need it even")
         self.mlp_hidden = self.mlp_hidden or 4 * self.n_embd
 
 

@@ -12,12 +12,12 @@ Start reading at Tokenizer (what encode and decode do), then the builders, then 
 the bottom, which picks the builder for a file.
 """
 import base64
-import json
 from pathlib import Path
 
 import tiktoken
 
-from checkpoints import checkpoint_files
+from checkpoints import checkpoint_files, open_gguf, read_json
+from cli import UserError
 
 # split regexes: text is cut into pieces by one regex, then BPE runs inside each piece
 
@@ -39,6 +39,7 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "original/tokenizer.model"]  # fetched for a Hub id
+AGAIN = "restore it or download the checkpoint again"  # what to do about a damaged tokenizer file
 SUPPORTED = ("supported are byte-level BPE tokenizers: GPT-2's vocab.json + merges.txt, a tokenizer.json "
              "with a BPE model and a ByteLevel pre-tokenizer (GPT-2, SmolLM2, Llama 3), Llama 3's tiktoken "
              "original/tokenizer.model, or a .gguf file whose tokenizer.ggml.model is 'gpt2'")
@@ -94,7 +95,7 @@ class Tokenizer:
         self.add_bos = add_bos and bos_id is not None  # the checkpoint's own habit: Llama 3 yes, GPT-2/SmolLM2 no
         self.pad_id = pad_id if pad_id is not None else eos_id  # a real id to pad with
         if self.pad_id is None:
-            raise ValueError(f"{name}: found no eos or pad token; name one as eos_token in tokenizer_config.json")
+            raise UserError(f"{name}: found no eos or pad token; name one as eos_token in tokenizer_config.json")
 
     def encode(self, text, bos=False, eos=False):
         """text -> list of token ids, with the BOS / EOS id around it when asked."""
@@ -135,11 +136,11 @@ def _byte_level_bpe(name, pattern, vocab, merges, specials, matched=(), bos_id=N
     """
     byte_of = {c: b for b, c in enumerate(BYTE_CHARS)}
     if not all(c in byte_of for a, b in merges for c in a + b):
-        raise ValueError(f"{name}: merges use characters outside GPT-2's byte alphabet, so this is not "
-                         f"byte-level BPE; {SUPPORTED}")
+        raise UserError(f"{name}: merges use characters outside GPT-2's byte alphabet, so this is not "
+                        f"byte-level BPE; {SUPPORTED}")
     lost = [a + b for a, b in merges if a + b not in vocab]
     if lost:
-        raise ValueError(f"{name}: {len(lost)} merge results are not in the vocabulary, e.g. {lost[0]!r}")
+        raise UserError(f"{name}: {len(lost)} merge results are not in the vocabulary, e.g. {lost[0]!r}")
     # single bytes in id order (then GPT-2's ranks equal its ids), bytes missing from the vocabulary last
     singles = sorted(range(256), key=lambda b: vocab.get(BYTE_CHARS[b], float("inf")))
     tokens = [(bytes([b]), vocab.get(BYTE_CHARS[b])) for b in singles]
@@ -153,7 +154,7 @@ def _configured_specials(folder, token_ids, add_bos=False):
     names = {}
     for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
         if (folder / file).is_file():
-            config = json.loads((folder / file).read_text(encoding="utf-8"))
+            config = read_json(folder / file, AGAIN)
             for key in ("bos_token", "eos_token", "pad_token"):
                 if key in config:  # null means none
                     token = config[key]
@@ -168,10 +169,19 @@ def _from_gpt2_files(vocab_path):
     """GPT-2's vocab.json + merges.txt (OpenAI's names: encoder.json + vocab.bpe)."""
     merges_path = vocab_path.with_name("merges.txt" if vocab_path.name == "vocab.json" else "vocab.bpe")
     if not merges_path.is_file():
-        raise FileNotFoundError(f"{merges_path} not found: {vocab_path.name} needs the merges file next to it")
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").splitlines()
-    merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+        raise UserError(f"{merges_path} not found: {vocab_path.name} needs the merges file next to it")
+    vocab = read_json(vocab_path, AGAIN)
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:  # e.g. cut in the middle of a character
+        raise UserError(f"{merges_path} is damaged: not UTF-8 text (byte {e.start}); {AGAIN}") from e
+    merges = []
+    for n, line in enumerate(lines, 1):
+        if line and not line.startswith("#version"):
+            if len(pair := line.split(" ")) != 2:
+                raise UserError(f"{merges_path}: line {n} is not a merge rule (two tokens, a space between): "
+                                f"{line!r}; {AGAIN}")
+            merges.append(pair)
     made = {a + b for a, b in merges} | set(BYTE_CHARS)
     specials = {t: i for t, i in vocab.items() if t not in made}  # e.g. <|endoftext|>: no merge makes it
     return _byte_level_bpe(str(vocab_path), GPT2_SPLIT, vocab, merges, specials, (),
@@ -193,18 +203,22 @@ def _split_regex(pre_tokenizer, where):
         if not last.get("use_regex", True) and kinds == ["Split"] and "Regex" in first[0]["pattern"] \
                 and first[0]["behavior"] == "Isolated" and not first[0]["invert"]:
             return first[0]["pattern"]["Regex"]
-    raise ValueError(f"{where}: pre_tokenizer {[s.get('type') for s in steps]} has no single split regex here; "
-                     f"{SUPPORTED}")
+    raise UserError(f"{where}: pre_tokenizer {[s.get('type') for s in steps]} has no single split regex here; "
+                    f"{SUPPORTED}")
 
 
 def _from_tokenizer_json(path):
     """A Hugging Face tokenizer.json (plus tokenizer_config.json beside it for bos / eos / pad)."""
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    model = spec["model"]
+    spec = read_json(path, AGAIN)
+    model = spec.get("model") if isinstance(spec, dict) else None
+    if not isinstance(model, dict):
+        raise UserError(f"{path} has no \"model\" object: not a tokenizer.json, or damaged; {AGAIN}")
     if model.get("type") != "BPE" or spec.get("normalizer") or model.get("byte_fallback") or model.get("dropout") \
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError(f"{path}: a {model.get('type')} model (normalizer {spec.get('normalizer')}, byte_fallback "
-                         f"{model.get('byte_fallback')}) is not plain byte-level BPE; {SUPPORTED}")
+        raise UserError(f"{path}: a {model.get('type')} model (normalizer {spec.get('normalizer')}, byte_fallback "
+                        f"{model.get('byte_fallback')}) is not plain byte-level BPE; {SUPPORTED}")
+    if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        raise UserError(f"{path}: its BPE model lacks a vocab or merges list: the file is damaged; {AGAIN}")
     pattern = _split_regex(spec.get("pre_tokenizer"), path)
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]  # "a b" or ["a", "b"]
     added = spec.get("added_tokens", [])
@@ -223,8 +237,8 @@ def _from_tiktoken_file(path):
         lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line]
         ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in lines}
     except ValueError:  # also UnicodeDecodeError, binascii.Error, and unpacking a line that is not 2 fields
-        raise ValueError(f"{path} is not a tiktoken BPE file (SentencePiece tokenizer.model files, as Llama 1 and 2 "
-                         f"use, are not supported); {SUPPORTED}") from None
+        raise UserError(f"{path} is not a tiktoken BPE file (SentencePiece tokenizer.model files, as Llama 1 and 2 "
+                        f"use, are not supported); {SUPPORTED}") from None
     n = len(ranks)
     tokens = sorted(ranks.items(), key=lambda item: item[1])
     specials = {text: n + k for k, text in enumerate(LLAMA3_SPECIALS)}
@@ -233,23 +247,19 @@ def _from_tiktoken_file(path):
 
 def _from_gguf(path):
     """The tokenizer inside a .gguf file (llama.cpp's tokenizer.ggml.* keys)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"reading {path} needs the gguf package: pip install gguf") from None
-    fields = gguf.GGUFReader(path).fields
+    fields = open_gguf(path).fields
 
     def get(key, required=True):
         if key not in fields and required:
-            raise ValueError(f"{path} has no {key}: it carries no byte-level BPE tokenizer; {SUPPORTED}")
+            raise UserError(f"{path} has no {key}: it carries no byte-level BPE tokenizer; {SUPPORTED}")
         return fields[key].contents() if key in fields else None
 
     model = get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model is {model!r} ('llama' is SentencePiece); {SUPPORTED}")
+        raise UserError(f"{path}: tokenizer.ggml.model is {model!r} ('llama' is SentencePiece); {SUPPORTED}")
     pre = get("tokenizer.ggml.pre")
     if pre not in GGUF_SPLITS:
-        raise ValueError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre = {pre!r}; known: {sorted(GGUF_SPLITS)}")
+        raise UserError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre = {pre!r}; known: {sorted(GGUF_SPLITS)}")
     tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
     CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types: special, and added but not special
     specials = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)}
@@ -276,7 +286,7 @@ def load_tokenizer(name_or_path):
         names = ["tokenizer.json", "vocab.json", "encoder.json", "tokenizer.model", "original/tokenizer.model"]
         found = [path / n for n in names if (path / n).is_file()] + sorted(path.glob("*.gguf"))
         if not found:
-            raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(names)} or a .gguf; {SUPPORTED}")
+            raise UserError(f"no tokenizer in {path}: looked for {', '.join(names)} or a .gguf; {SUPPORTED}")
         path = found[0]
     if path.suffix == ".gguf":
         return _from_gguf(path)
@@ -286,4 +296,4 @@ def load_tokenizer(name_or_path):
         return _from_gpt2_files(path)
     if path.name == "tokenizer.model":
         return _from_tiktoken_file(path)
-    raise ValueError(f"{path} is not a tokenizer file this project reads; {SUPPORTED}")
+    raise UserError(f"{path} is not a tokenizer file this project reads; {SUPPORTED}")

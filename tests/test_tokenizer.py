@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
+from cli import UserError
 from tokenizer import load_tokenizer
 from tests.conftest import ROOT
 
@@ -135,7 +136,7 @@ def test_unsupported_tokenizers_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a tiktoken BPE file"):
         load_tokenizer(tmp_path / "spm")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+    with pytest.raises(UserError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "empty")
 
 

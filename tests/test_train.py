@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import data
 import train
 from checkpoints import load_adapter, load_pretrained
+from cli import UserError
 from tokenizer import load_tokenizer
 from tests.conftest import ROOT, logits, PIQA
 
@@ -42,6 +43,15 @@ def args_for(workdir, out, *extra):
 def run_train(workdir, monkeypatch, out, *extra):
     monkeypatch.setattr(data, "BLOBS", {**data.BLOBS, **workdir[2]})  # the hand-written files' hashes
     return train.main(args_for(workdir, out, *extra))
+
+
+def run_eval(workdir, monkeypatch, out, *extra):
+    """train.py --eval-only on the tiny model, with none of args_for's training flags (refused with it);
+    it writes <out>/eval-<n>/."""
+    model_dir, data_dir, blobs = workdir
+    monkeypatch.setattr(data, "BLOBS", {**data.BLOBS, **blobs})
+    return train.main(["--model", str(model_dir), "--data-dir", str(data_dir), "--task", "piqa", "--out", str(out),
+                       "--dtype", "float32", "--eval-only", *extra])
 
 
 def launcher(workdir, tmp_path):
@@ -189,7 +199,7 @@ def test_export_py_writes_the_peft_adapter_and_the_merged_model_from_the_command
 
 def test_eval_only_with_the_saved_adapter_reproduces_the_accuracy_after(workdir, monkeypatch, tmp_path):
     m = run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "4", "--lr", "1e-2")
-    again = run_train(workdir, monkeypatch, tmp_path / "b", "--eval-only", "--adapter", str(tmp_path / "a" / "adapter"))
+    again = run_eval(workdir, monkeypatch, tmp_path / "b", "--adapter", str(tmp_path / "a" / "adapter"))
     assert again["accuracy_after"] == m["accuracy_after"]
     assert again["answer_loss_after"] == pytest.approx(m["answer_loss_after"], rel=1e-6)
     assert (again["method"], again["gate"]) == (m["method"], m["gate"]) == ("hira", "token")
@@ -200,12 +210,12 @@ def test_eval_only_without_an_adapter_evaluates_the_pretrained_model_and_says_so
     model_dir, _, _ = workdir
     run_train(workdir, monkeypatch, tmp_path / "a", "--max-steps", "2", "--lr", "1e-2")  # its "before": the pretrained model
     capsys.readouterr()
-    m = run_train(workdir, monkeypatch, tmp_path / "z", "--eval-only")
+    m = run_eval(workdir, monkeypatch, tmp_path / "z")
     printed = capsys.readouterr().out
     assert f"{model_dir}: " in printed and " | no adapter | " in printed
     assert (m["method"], m["gate"]) == (None, None)  # no adapter: no method, no gate
     read = [[json.loads(line) for line in (d / "piqa" / "predictions.jsonl").read_text().splitlines()]
-            for d in (tmp_path / "a" / "before", tmp_path / "z" / "after")]
+            for d in (tmp_path / "a" / "before", tmp_path / "z" / "eval-1")]
     assert read[0] == read[1]  # the same log-likelihoods as the evaluation before training
 
 
@@ -219,10 +229,10 @@ def test_generate_eval_runs_greedy_batched_generation(workdir, monkeypatch, tmp_
     save_file({k: 6 * v if v.dim() == 2 else v for k, v in weights.items()}, sharp / "model.safetensors")
     rows = {}
     for size in (3, 1):  # batched (4 items in batches of 3, left-padded) and one at a time
-        m = run_train(workdir, monkeypatch, tmp_path / f"g{size}", "--eval-only", "--format", "label", "--eval",
-                      "generate", "--eval-batch-size", str(size), "--model", str(sharp))
+        m = run_eval(workdir, monkeypatch, tmp_path / f"g{size}", "--format", "label", "--eval",
+                     "generate", "--eval-batch-size", str(size), "--model", str(sharp))
         rows[size] = [json.loads(line) for line in
-                      (tmp_path / f"g{size}" / "after" / "piqa" / "predictions.jsonl").read_text().splitlines()]
+                      (tmp_path / f"g{size}" / "eval-1" / "piqa" / "predictions.jsonl").read_text().splitlines()]
         assert m["eval_mode"] == "generate" and m["accuracy_after"] == sum(r["pred"] == r["gold"] for r in rows[size]) / 4
     assert [r["index"] for r in rows[3]] == [0, 1, 2, 3] and {"generated", "extracted", "pred", "gold"} <= set(rows[3][0])
     assert [r["generated"] for r in rows[3]] == [r["generated"] for r in rows[1]]  # greedy: the batch changes nothing
@@ -239,7 +249,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work
         calls["n"] += 1
         return real_ce(*a, **k) * (float("nan") if calls["n"] == 9 else 1.0)
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
-    with pytest.raises(SystemExit, match="not finite"):
+    with pytest.raises(UserError, match="not finite"):
         run_train(workdir, monkeypatch, tmp_path / "nan", "--max-steps", "6", "--ckpt-interval", "2")
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["adapter"].values())
@@ -375,7 +385,7 @@ def test_the_training_time_estimate_extrapolates_two_timed_micro_batches(monkeyp
 
 def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
     run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2")
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         run_train(workdir, monkeypatch, tmp_path / "r", "--max-steps", "2", "--lr", "5e-3", "--resume")
 
 
