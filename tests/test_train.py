@@ -281,17 +281,22 @@ def test_resume_after_kill_9_ends_with_the_same_adapter_bit_for_bit(workdir, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(workdir, tmp_path):
+def one_and_two_processes(workdir, tmp_path, *flags):
+    """The same training run in one process (tmp_path/one) and under torchrun in two (tmp_path/two);
+    returns their adapters' tensors."""
     script = launcher(workdir, tmp_path)
-    common = ["--max-steps", "3", "--lr", "1e-2", "--eval-examples", "1"]
-    subprocess.run([sys.executable, script, *args_for(workdir, tmp_path / "one", *common)], check=True, capture_output=True,
-                   timeout=TIMEOUT)
+    subprocess.run([sys.executable, script, *args_for(workdir, tmp_path / "one", *flags)], check=True,
+                   capture_output=True, timeout=TIMEOUT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        script, *args_for(workdir, tmp_path / "two", *common)], capture_output=True, text=True,
+                        script, *args_for(workdir, tmp_path / "two", *flags)], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
+    return [load_file(tmp_path / run / "adapter" / "adapter.safetensors") for run in ("one", "two")]
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(workdir, tmp_path):
+    a, b = one_and_two_processes(workdir, tmp_path, "--max-steps", "3", "--lr", "1e-2", "--eval-examples", "1")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
@@ -302,20 +307,13 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(work
 def test_two_process_torchrun_with_a_short_last_batch_equals_one_process(workdir, tmp_path):
     """7 examples in batches of 3 cut into 2 micro-batches: the last batch has one example, so one of
     the two ranks has none; it must still join the gradient all-reduce (a stand-in of weight 0)."""
-    script = launcher(workdir, tmp_path)
-    common = ["--max-steps", "3", "--lr", "1e-2", "--eval-examples", "1", "--train-examples", "7", "--batch-size", "3"]
-    subprocess.run([sys.executable, script, *args_for(workdir, tmp_path / "one", *common)], check=True, capture_output=True,
-                   timeout=TIMEOUT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        script, *args_for(workdir, tmp_path / "two", *common)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    a, b = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
+    a, b = one_and_two_processes(workdir, tmp_path, "--max-steps", "3", "--lr", "1e-2", "--eval-examples", "1",
+                                 "--train-examples", "7", "--batch-size", "3")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [r["task_loss"] for r in two] == pytest.approx([r["task_loss"] for r in log], rel=1e-4)
+    one, two = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                for run in ("one", "two"))
+    assert [r["task_loss"] for r in two] == pytest.approx([r["task_loss"] for r in one], rel=1e-4)
 
 
 def test_resume_without_a_checkpoint_says_so_and_trains_from_scratch(workdir, monkeypatch, tmp_path, capsys):
