@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from cli import UserError
+from files import atomic_write
 
 # -----------------------------------------------------------------------------
 # the tasks and their pinned files
@@ -109,38 +110,43 @@ def cache_dir():
     return Path(os.environ.get("GATERA_CACHE", "~/.cache/gatera")).expanduser() / "llm_adapters" / COMMIT
 
 
+def stream(url, path):
+    """Copy url's bytes into path, with progress on stderr; returns the size the server announced (0: none)."""
+    with urllib.request.urlopen(url, timeout=30) as r, open(path, "wb") as f:
+        size, got, t0, shown = int(r.headers.get("Content-Length") or 0), 0, time.time(), 0.0
+        while chunk := r.read(1 << 16):
+            f.write(chunk)
+            got += len(chunk)
+            if (now := time.time()) - shown > 0.5 or got == size:
+                shown, total = now, f" of {size / 1e6:.1f}" if size else ""
+                print(f"\rdownloading {url}: {got / 1e6:.1f}{total} MB, "
+                      f"{got / 1e6 / max(now - t0, 1e-6):.1f} MB/s, {now - t0:.1f} s", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    return size
+
+
 def download(rel, file):
-    """Stream upstream file `rel` to a temporary name next to `file`, verify it, then rename it into
-    place: `file` only ever holds a complete, verified copy. Returns its bytes."""
+    """Download upstream file `rel` into `file` through files.atomic_write, verified before the rename:
+    `file` only ever holds a complete, verified copy. Returns its bytes."""
     url = f"{os.environ.get('GATERA_DATA_URL', URL).rstrip('/')}/{rel}"
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f"{file.name}.{os.getpid()}.part")
-    try:
+    verified = []
+
+    def write(tmp):
         try:
-            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-                size, got, t0, shown = int(r.headers.get("Content-Length") or 0), 0, time.time(), 0.0
-                while chunk := r.read(1 << 16):
-                    f.write(chunk)
-                    got += len(chunk)
-                    if (now := time.time()) - shown > 0.5 or got == size:  # progress on stderr
-                        shown, total = now, f" of {size / 1e6:.1f}" if size else ""
-                        print(f"\rdownloading {url}: {got / 1e6:.1f}{total} MB, "
-                              f"{got / 1e6 / max(now - t0, 1e-6):.1f} MB/s, {now - t0:.1f} s",
-                              end="", file=sys.stderr, flush=True)
-                print(file=sys.stderr)
+            size = stream(url, tmp)
         except (OSError, http.client.HTTPException) as e:  # no network, refused, timeout, HTTP 404 ...
             raise UserError(
                 f"could not download {url} ({e}). Without network, put that file at {file}, or pass "
                 f"--data-dir DIR with it at DIR/{rel} (a checkout of github.com/AGI-Edgerunners/LLM-Adapters at "
                 f"commit {COMMIT[:12]} has that layout)") from None
-        data = tmp.read_bytes()
+        data = Path(tmp).read_bytes()
         if size and len(data) != size:
             raise UserError(f"{url}: download truncated, {len(data)} of {size} bytes; nothing was cached, try again")
         check_blob(data, url, rel, then="; nothing was cached")
-        os.replace(tmp, file)
-        return data
-    finally:
-        tmp.unlink(missing_ok=True)
+        verified.append(data)
+    atomic_write(file, write)
+    return verified[0]
 
 
 WARNED = set()  # --data-dir files already reported as not the pinned ones

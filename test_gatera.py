@@ -65,16 +65,16 @@ def closed_form_grads(layer, x, delta):
     g = gates_of(layer, x)
     gA, gB = torch.zeros_like(A), torch.zeros_like(B)
     for t in range(x.shape[0]):
-        xt, dt = x[t], delta[t]                                      # (IN,), (OUT,)
+        xt, dy_t = x[t], delta[t]                                      # (IN,), (OUT,)
         if cfg.method == "lora":            # dL/dB = g s delta (A x)^T,  dL/dA = g s B^T delta x^T
-            gB += g[t] * cfg.scale * torch.outer(dt, A @ xt)
-            gA += g[t] * cfg.scale * torch.outer(B.T @ dt, xt)
+            gB += g[t] * cfg.scale * torch.outer(dy_t, A @ xt)
+            gA += g[t] * cfg.scale * torch.outer(B.T @ dy_t, xt)
         elif cfg.method == "dora":          # the same with delta scaled per row by u = m / n
             u = layer.magnitude.detach() / (W0 + cfg.scale * B @ A).norm(dim=1)
-            gB += g[t] * cfg.scale * torch.outer(u * dt, A @ xt)
-            gA += g[t] * cfg.scale * torch.outer(B.T @ (u * dt), xt)
+            gB += g[t] * cfg.scale * torch.outer(u * dy_t, A @ xt)
+            gA += g[t] * cfg.scale * torch.outer(B.T @ (u * dy_t), xt)
         else:                               # dL/dM = g (W0 * delta x^T); dL/dB = dL/dM A^T, dL/dA = B^T dL/dM
-            dM = g[t] * W0 * torch.outer(dt, xt)
+            dM = g[t] * W0 * torch.outer(dy_t, xt)
             gB += dM @ A.T
             gA += B.T @ dM
     return gA, gB

@@ -112,8 +112,8 @@ PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 
 def say(text):
-    """print, on the first process only (under torchrun every process runs this file)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    """print, on the first process only (under torchrun every process runs this file); None: nothing."""
+    if text is not None and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
         print(text, flush=True)
 
 
@@ -376,16 +376,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); "
         "adapters, optimizer and loss in float32")
-    if eval_dir:
-        say(f"--eval-only: writing to {eval_dir}")
+    say(eval_dir and f"--eval-only: writing to {eval_dir}")
 
     # the pretrained model, and the adapter: the one to evaluate (--eval-only), else the one to train
     model = load_pretrained(args.model, dtype=dtype).to(device).requires_grad_(False)
     model.gradient_checkpointing = args.grad_checkpointing
     tok = load_tokenizer(args.model)
     cfg = load_adapter(model, args.adapter) if args.eval_only and cfg is not None else cfg
-    if not args.eval_only:
-        target_layers(model, cfg.target_modules)  # a --target-modules name this model lacks fails now
+    target_layers(model, () if args.eval_only else cfg.target_modules)  # a --target-modules name it lacks fails now
     what = "no adapter" if cfg is None else f"{cfg.method} r={cfg.rank} gate={cfg.gate}"
     say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
         f"{args.format} format")
@@ -410,9 +408,7 @@ def main(argv=None):
             f"{len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
             f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated "
             f"{'after' if args.skip_eval_before else 'before and after'}")
-    notice = check_training_set(args, encoded, total_steps)  # no answer token within --cutoff; --warmup too long
-    if notice:
-        say(notice)
+    say(check_training_set(args, encoded, total_steps))  # no answer token within --cutoff; a notice if --warmup is long
 
     # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
     before, eval_s = {}, None
@@ -422,8 +418,7 @@ def main(argv=None):
         say("\n".join(lines))
         eval_s = time.time() - eval_s
     apply_gatera(model, cfg)
-    n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or every)
-                          for every in (False, True))
+    n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or all_) for all_ in (0, 1))
     say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
     log = train(args, model, tok, encoded, tests, metrics, rank, world, device, state, eval_s)
