@@ -411,7 +411,7 @@ def evaluate_after(args, model, tok, tests, before, log, metrics, device, what, 
     write_json(os.path.join(folder or args.out, "metrics.json"), metrics)
     wrote = f"{folder}: predictions, metrics.json" if folder else \
         f"{args.out}/adapter, before/ and after/ predictions, metrics.json, log.jsonl"
-    return "\n".join(lines + [f"wrote {wrote} ({hms(time.time() - t_start)} in all)"])
+    return "\n".join(lines + [f"wrote {wrote} ({hms(time.time() - t_start)} in all; peak memory {peak / 2**30:.2f} GB)"])
 
 
 def eval_record(step, results):

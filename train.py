@@ -81,6 +81,9 @@ training.add_argument("--batch-size", type=POSITIVE_INT, default=16,
                       help="examples per optimizer step, over all processes")
 training.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
                       help="micro-batches each step is cut into, over all processes (less memory, the same gradient)")
+training.add_argument("--micro-batch-tokens", type=POSITIVE_INT, default=1024,
+                      help="cut a batch further where a micro-batch would hold more padded tokens than this: the "
+                      "longest batches bound the memory, the same gradient (see micro_batches)")
 training.add_argument("--warmup", type=COUNT, default=100, help="linear warmup steps, then linear decay to 0")
 training.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clip)")
 training.add_argument("--cutoff", type=number(int, low=2), default=256, help="max tokens per training example")
@@ -131,8 +134,6 @@ def setup(args):
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
             device = torch.device(args.device)
-        if args.grad_accum % world:
-            raise UserError(f"--grad-accum {args.grad_accum} must be a multiple of the {world} processes")
     dtype, why = pick_dtype(args.dtype, device)
     budget = CPU_BUDGET if device.type == "cpu" else PAPER_BUDGET
     preset = [k for k in budget if getattr(args, k) is None]  # budget flags left to the preset
@@ -159,16 +160,29 @@ def lr_at(step, args, total_steps):
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
 
 
-def micro_batches(idx, encoded, grad_accum, rank, world):
-    """This rank's micro-batches of batch idx (of grad_accum over all ranks: rank, rank + world,
-    ...), the whole batch's numbers of target tokens and of real tokens, and its first example: with
-    DDP every rank must join every all-reduce, so where a short last batch leaves a micro-batch empty,
-    the rank runs this stand-in with weight 0 (its gradient adds zeros). The loss is normalised by the
-    whole batch's counts, so any cut and any number of processes give the same gradient."""
-    size = math.ceil(len(idx) / grad_accum)
-    micro = [idx[i * size:(i + 1) * size] for i in range(grad_accum)][rank::world]
+def micro_batches(idx, encoded, grad_accum, max_tokens, rank, world):
+    """This rank's micro-batches of batch idx, the whole batch's numbers of target tokens and of real
+    tokens, and its first example. The batch is cut into parts of equal size: at least grad_accum of
+    them, and smaller ones where a part would hold more than max_tokens padded tokens (examples x the
+    longest), so that the few long batches bound the activations' memory while the short ones keep their
+    speed; rank r takes parts r, r + world, ... With DDP every rank must join every all-reduce, so where
+    a rank's part is empty it runs the first example as a stand-in with weight 0 (its gradient adds
+    zeros). The loss is normalised by the whole batch's counts, so any cut gives the same gradient."""
+    size = part_size(len(idx), max(len(encoded[i][0]) for i in idx), grad_accum, max_tokens)
+    parts = [idx[i:i + size] for i in range(0, len(idx), size)]
+    parts += [[]] * (-len(parts) % world)  # as many parts for every rank
+    return parts[rank::world], *token_counts(idx, encoded), idx[:1]
+
+
+def part_size(n, longest, grad_accum, max_tokens):
+    """Examples per micro-batch of a batch of n examples whose longest has `longest` tokens."""
+    return min(math.ceil(n / grad_accum), max(1, max_tokens // longest))
+
+
+def token_counts(idx, encoded):
+    """(target tokens, real tokens) of examples idx: what the loss terms are normalised by."""
     n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
-    return micro, max(n_targets, 1), sum(len(encoded[i][0]) for i in idx), idx[:1]
+    return max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
 
 
 # -----------------------------------------------------------------------------
@@ -219,11 +233,11 @@ def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, ar
     and of 90th-percentile-length examples is timed (the second run of each: the first touches new
     memory), which gives seconds = fixed + per_token * padded tokens for each micro-batch. RNG and
     gradients are left as they were."""
-    size = math.ceil(args.batch_size / args.grad_accum)
-    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    timed = []  # (padded tokens, seconds) of a median-length and of a long micro-batch
-    for mb in (by_length[int(q * len(encoded)):][:size] for q in (0.5, 0.9)):
-        _, n_targets, n_real, _ = micro_batches(mb, encoded, 1, 0, 1)
+    by_length, timed = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])), []  # timed: (tokens, s)
+    for start in (int(q * len(encoded)) for q in (0.5, 0.9)):  # a micro-batch of median and of long examples
+        longest = len(encoded[by_length[min(start + args.batch_size, len(encoded)) - 1]][0])  # in a batch from there
+        mb = by_length[start:][:part_size(args.batch_size, longest, args.grad_accum, args.micro_batch_tokens)]
+        n_targets, n_real = token_counts(mb, encoded)
         batch = [t.to(device) for t in collate([encoded[i] for i in mb], pad_id)]
         with torch.random.fork_rng():
             for _ in range(2):
@@ -234,8 +248,8 @@ def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, ar
     optimizer.zero_grad(set_to_none=True)
     (n_short, t_short), (n_long, t_long) = timed
     per_token = max(t_long - t_short, 0) / max(n_long - n_short, 1)
-    micro = [b[i:i + size] for b in batches for i in range(0, len(b), size)]
-    padded = [len(mb) * max(len(encoded[i][0]) for i in mb) for mb in micro]
+    padded = [len(mb) * max(len(encoded[i][0]) for i in mb) for b in batches
+              for mb in micro_batches(b, encoded, args.grad_accum, args.micro_batch_tokens, 0, 1)[0] if mb]
     return sum(t_short + per_token * (n - n_short) for n in padded) / world
 
 
@@ -298,7 +312,7 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, state=
                 epoch = step // steps_per_epoch
                 batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed + epoch)
             micro, n_targets, n_real, first = micro_batches(batches[step % steps_per_epoch], encoded, args.grad_accum,
-                                                            rank, world)
+                                                            args.micro_batch_tokens, rank, world)
             # forward and backward of each micro-batch: their gradients add up to the batch's
             logging = step + 1 in (1, total_steps) or (step + 1) % args.log_interval == 0
             recorder = GateRecorder() if logging else None

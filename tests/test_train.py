@@ -370,7 +370,7 @@ def test_the_training_time_estimate_extrapolates_two_timed_micro_batches(monkeyp
     lengths = [3 * n + n % 4 for n in range(20)]                      # increasing, 3 to 60 tokens
     encoded = [(list(range(n)), [-100] * (n - 2) + [1, 2]) for n in lengths]
     batches = [[7, 2, 19, 4], [0, 1, 3, 5], [6, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18]]
-    args = SimpleNamespace(batch_size=4, grad_accum=2, entropy_weight=0.0)  # micro-batches of 2
+    args = SimpleNamespace(batch_size=4, grad_accum=2, entropy_weight=0.0, micro_batch_tokens=10**6)  # parts of 2
     optimizer = SimpleNamespace(zero_grad=lambda set_to_none=True: None)
     micro = [b[i:i + 2] for b in batches for i in (0, 2)]
     want = sum(0.5 + 0.01 * len(mb) * max(lengths[i] for i in mb) for mb in micro)
@@ -379,6 +379,25 @@ def test_the_training_time_estimate_extrapolates_two_timed_micro_batches(monkeyp
         assert got == pytest.approx(want / world, rel=1e-9)
     # the median and the 90th-percentile lengths (examples 10, 11 and 18, 19), each timed twice
     assert seen[:4] == [(2, lengths[11])] * 2 + [(2, lengths[19])] * 2
+
+
+def test_a_long_batch_is_cut_into_micro_batches_of_at_most_the_token_budget():
+    """micro_batches: parts of equal size, at least --grad-accum of them, none holding more than
+    --micro-batch-tokens padded tokens (examples x the longest) unless one example alone is longer;
+    every example exactly once, in order; every process gets as many parts."""
+    lengths = [36] * 16 + list(range(196, 260, 4)) + [300]                # a short batch, a long one (to 256), one
+    encoded = [([0] * n, [-100] * (n - 1) + [1]) for n in lengths]
+    short, long, alone = list(range(16)), list(range(16, 32)), [32]
+    for idx, grad_accum, budget, want in [(short, 1, 1024, [16]), (short, 2, 1024, [8, 8]), (long, 1, 1024, [4] * 4),
+                                          (long, 1, 512, [2] * 8), (long, 1, 255, [1] * 16), (long, 3, 10**6, [6, 6, 4]),
+                                          (alone, 1, 64, [1])]:
+        parts = train.micro_batches(idx, encoded, grad_accum, budget, 0, 1)[0]
+        assert [len(p) for p in parts] == want and sum(parts, []) == idx
+        assert all(len(p) * max(lengths[i] for i in p) <= budget for p in parts if len(p) > 1)
+    for world in (2, 3):  # the parts of the long batch dealt out: the same count for every process
+        dealt = [train.micro_batches(long, encoded, 1, 1024, rank, world)[0] for rank in range(world)]
+        assert len({len(d) for d in dealt}) == 1 and sorted(sum(sum(dealt, []), [])) == long
+    assert train.micro_batches(long, encoded, 1, 1024, 0, 1)[1:3] == (16, sum(lengths[16:32]))  # the whole batch's counts
 
 
 def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
