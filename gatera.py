@@ -3,7 +3,7 @@ GateRA: token-aware modulation for parameter-efficient fine-tuning.
 Ou, Jiang, Du, Snoek, AAAI 2026, https://arxiv.org/abs/2511.17582
 
 A frozen linear layer y = W0 x + b gets a trainable update Delta(x), and a learned sigmoid gate,
-one scalar per token, decides how much of it each token receives (paper, Sec. 3):
+one scalar per token, decides how much of it each token receives:
 
     y = W0 x + b + g(x) * Delta(x),        g(x) = sigmoid(w_g . x + b_g)
 
@@ -15,12 +15,11 @@ The update Delta(x) is one of three adapters (W0 is (out, in), B is (out, r), A 
 
 g = 0 gives exactly the frozen model and g = 1 the ungated adapter. Training adds lambda * H, the
 mean binary entropy of the gates, which pushes every gate towards 0 or 1 (gate_entropy).
-The gate also masks gradients (paper, Sec. 4): every adapter gradient of a token is multiplied by
+The gate also masks gradients (the paper's theorem): every adapter gradient of a token is multiplied by
 its g(x), e.g. for gated LoRA dL/dB = g s delta (A x)^T. test_gatera.py checks this against autograd.
 
-Reading order: GateRAConfig, then AdaptedLinear.forward_plain (the equations as written), then
-forward_fused (the same numbers through fused.py's hand-derived autograd Functions), then the
-whole-model helpers (apply_gatera, gate_entropy, merge_gatera). checkpoints.py saves and loads adapters.
+Read GateRAConfig, AdaptedLinear.forward_plain (the equations), forward_fused (the same numbers via
+fused.py), then apply_gatera, gate_entropy, merge_gatera. checkpoints.py saves and loads adapters.
 """
 
 import argparse
@@ -65,17 +64,17 @@ class GateRAConfig:
         self.target_modules = tuple(t.strip() for t in self.target_modules if t.strip())
         if self.dropout is None:  # the papers' settings: 0.05 for LoRA and DoRA, none for HiRA
             self.dropout = 0.0 if self.method == "hira" else 0.05
-        checks = [(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-                  (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
-                  (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
-                  (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
-                  (self.method != "hira" or self.dropout == 0, "HiRA uses no dropout (its update is W0 * (BA)); "
-                   "set dropout=0 (--dropout 0)"),
-                  (math.isfinite(self.gate_init_std) and self.gate_init_std >= 0,
-                   f"gate_init_std must be a finite number >= 0, got {self.gate_init_std}"),
-                  (math.isfinite(self.gate_init_bias), f"gate_init_bias must be finite, got {self.gate_init_bias}"),
-                  (bool(self.target_modules), "target_modules is empty: name the linear layers to adapt")]
-        for ok, message in checks:
+        for ok, message in [
+                (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+                (self.gate in GATES, f"gate must be one of {GATES}, got {self.gate!r}"),
+                (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
+                (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+                (self.method != "hira" or self.dropout == 0, "HiRA uses no dropout (its update is W0 * (BA)); "
+                 "set dropout=0 (--dropout 0)"),
+                (math.isfinite(self.gate_init_std) and self.gate_init_std >= 0,
+                 f"gate_init_std must be a finite number >= 0, got {self.gate_init_std}"),
+                (math.isfinite(self.gate_init_bias), f"gate_init_bias must be finite, got {self.gate_init_bias}"),
+                (bool(self.target_modules), "target_modules is empty: name the linear layers to adapt")]:
             if not ok:
                 raise UserError(f"GateRAConfig: {message}")
 
@@ -117,13 +116,9 @@ def row_norm(w):
 
 class AdaptedLinear(nn.Module):
     """A frozen linear layer plus a gated LoRA / DoRA / HiRA update: y = W0 x + b + g(x) Delta(x).
-
-    Mixed precision, as autocast would do it, but without recasting the frozen weights: the adapter
-    and gate parameters (and so their gradients and the optimizer state) are kept in fp32 (fp64 for
-    an fp64 base, as the tests use), while every matmul runs in the base's dtype, so on a bf16 base
-    the update uses the CPU's or GPU's bf16 matrix units. What needs fp32 stays fp32: the gate value
-    g = sigmoid(z), the row norms of DoRA and the merged weights.
-    """
+    Mixed precision as autocast, without recasting the frozen weights: the adapter, its gradients and
+    the optimizer state are fp32 (fp64 on an fp64 base), every matmul runs in the base's dtype (bf16
+    matrix units on a bf16 base); g = sigmoid(z), DoRA's row norms and merged weights stay fp32."""
 
     def __init__(self, base: nn.Linear, config: GateRAConfig, name: str = ""):
         super().__init__()
@@ -191,9 +186,8 @@ class AdaptedLinear(nn.Module):
         cfg, W0 = self.config, self.base.weight
         if cfg.method != "lora" and torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (W0, self.base.bias)):
-            raise RuntimeError(f"{cfg.method}: the frozen base weight or bias requires grad, but the fused "
-                               "autograd Functions of DoRA and HiRA compute no gradient for it (it would stay "
-                               "None); keep the base frozen (apply_gatera does), or use GateRAConfig(fused=False)")
+            raise RuntimeError(f"{cfg.method}: the frozen base weight or bias requires grad, but the fused Functions "
+                               "compute no gradient for it; keep the base frozen (apply_gatera does), or fused=False")
         # A LoRA/DoRA token gate that reads the adapter's own input (no dropout, no detach) is one more
         # row of A: one matmul gives A x and w_g . x, and one matmul their input gradient.
         fold = cfg.method != "hira" and cfg.gate == "token" and cfg.dropout == 0 and not cfg.gate_detach_input
@@ -245,10 +239,9 @@ class AdaptedLinear(nn.Module):
         return add_linear(y, h, B)
 
     def inference_delta_w(self):
-        """HiRA's Delta_W = W0 * BA (out, in) while autograd is off (evaluation, generation), kept
-        between forwards so that decoding one token at a time does not rebuild it for every token;
-        rebuilt when W0, A or B is replaced or changed in place (an optimizer step, load_adapter),
-        which their storage and version counter tell (torch's _version counts in-place changes). None (and nothing kept) while training."""
+        """HiRA's Delta_W = W0 * BA (out, in) while autograd is off, kept between forwards so that decoding
+        a token at a time does not rebuild it; rebuilt when W0, A or B is replaced or changed in place
+        (their storage and torch's _version counter tell). None, nothing kept, while training."""
         if torch.is_grad_enabled():
             self.kept_delta_w = None
             return None
@@ -343,12 +336,9 @@ def refuse_token_gate(cfg, what):
 
 @torch.no_grad()
 def merge_gatera(model):
-    """Fold every adapter into its base weight and put the plain linear layer back, for gate none or
-    static (a token gate g(x) differs per token: no single weight holds it). The merged weight is
-    computed in fp32 (fp64 for an fp64 base) and rounded once to the base's dtype: exact up to that
-    dtype's rounding (1e-12 in fp64 in the tests); in bf16 each merged weight is the nearest bf16
-    number, within 2^-8 of its value, so a small update can round away where the unmerged layer
-    would add it in its own matmul."""
+    """Fold every adapter (gate none or static) into its base weight and put the plain layer back. The
+    merged weight is computed in fp32 (fp64 on an fp64 base) and rounded once to the base's dtype:
+    exact up to that rounding; in bf16 within 2^-8 of each weight, so a small update can round away."""
     layers = adapted_layers(model)
     for _, layer in layers:
         refuse_token_gate(layer.config, "merge_gatera")
