@@ -11,7 +11,9 @@ by cli's argparse types.
 import os
 import shutil
 
+from checkpoints import check_adapter, check_resume, read_checkpoint
 from cli import UserError, writable_folder
+from gatera import config_from_args
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "log.jsonl", "adapter", "before", "after")  # what a run writes in --out
 
@@ -64,6 +66,24 @@ def check_out(args):
         raise UserError(f"--out {args.out} holds a run ({', '.join(found)}): continue it with --resume, start over "
                         "with --overwrite (deletes those), or give another --out")
     return found if args.overwrite else [], None
+
+
+def check_run(args):
+    """What the run starts from, checked: the output folder (check_out), the checkpoint that --resume
+    continues (read and compared with these flags), the adapter (--eval-only's, or the one to train).
+    Returns (the files --overwrite deletes, --eval-only's folder, the checkpoint or None, the adapter's
+    config: None for --eval-only on the bare model)."""
+    doomed, eval_dir = check_out(args)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    state = read_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
+    if state is not None:
+        check_resume(state, ckpt_path, args)  # the same flags as the run it continues
+    if args.eval_only:
+        cfg = check_adapter(args.adapter) if args.adapter else None  # None: the pretrained model alone
+    else:
+        cfg = config_from_args(args)
+    check_visualize(args, cfg)
+    return doomed, eval_dir, state, cfg
 
 
 def delete_run(out, files):

@@ -27,14 +27,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoints import (check_adapter, check_resume, load_adapter, load_pretrained, pick_dtype, read_checkpoint,
-                         resume, save_adapter, write_checkpoint)
-from checks import RUN_FILES, check_flags, check_out, check_training_set, check_visualize, delete_run
+from checkpoints import (load_adapter, load_pretrained, pick_dtype, read_checkpoint, resume, save_adapter,
+                         write_checkpoint)
+from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
 from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interrupted, UserError, given, number,
                  pick_device, run, text)
 from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
-from gatera import apply_gatera, config_flags, config_from_args, gate_entropy, target_layers
+from gatera import apply_gatera, config_flags, gate_entropy, target_layers
 from gates import GateRecorder
 from tokenizer import load_tokenizer
 
@@ -365,23 +365,11 @@ def interrupted(step, ckpt_path, rank):
 
 
 def prepare(args, argv):
-    """Every check that needs no model, before anything loads: the flags, the device, the output
-    folder, the checkpoint to resume, the adapter to evaluate. Returns (rank, world, device, dtype,
-    why, preset, the files --overwrite deletes, --eval-only's folder, the checkpoint's state or None,
-    the adapter's config: to train, or --eval-only's, or None for the bare model)."""
-    check_flags(args, given(parser, argv), TRAINING_ONLY)  # flags that mean nothing together (checks.py)
-    rank, world, device, dtype, why, preset = setup(args)
-    doomed, eval_dir = check_out(args)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    state = read_checkpoint(ckpt_path) if args.resume and os.path.exists(ckpt_path) else None
-    if state is not None:
-        check_resume(state, ckpt_path, args)  # the same flags as the run it continues
-    if args.eval_only:
-        cfg = check_adapter(args.adapter) if args.adapter else None  # None: the pretrained model alone
-    else:
-        cfg = config_from_args(args)
-    check_visualize(args, cfg)
-    return rank, world, device, dtype, why, preset, doomed, eval_dir, state, cfg
+    """Every check that needs no model, before anything loads (checks.py): the flags together, the
+    device (setup), the output folder, the checkpoint to resume, the adapter. Returns setup's values,
+    then (the files --overwrite deletes, --eval-only's folder, the checkpoint or None, the adapter's config)."""
+    check_flags(args, given(parser, argv), TRAINING_ONLY)
+    return (*setup(args), *check_run(args))
 
 
 def main(argv=None):
