@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cli import UserError
+from cli import Interrupted, UserError
 from files import atomic_write, write_json
 from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
@@ -664,3 +664,12 @@ def resume(state, ckpt_path, args, model, optimizer, device):
     if "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
     return state["step"], state["log"], state["metrics"]
+
+
+def interrupted(step, ckpt_path, rank):
+    """Ctrl-C's one line (cli.run prints it): where the run stopped and which checkpoint continues it,
+    read back from disk, as Ctrl-C may have come just after a new one. The first process speaks for all."""
+    if rank != 0:
+        return Interrupted("")
+    return Interrupted(f"interrupted at step {step}; the checkpoint of step {read_checkpoint(ckpt_path)['step']} "
+                       f"is in {ckpt_path}; continue with --resume")

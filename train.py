@@ -27,11 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkpoints import (load_adapter, load_pretrained, pick_dtype, read_checkpoint, resume, save_adapter,
-                         write_checkpoint)
+from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
-from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Interrupted, UserError, given, number,
-                 pick_device, run, text)
+from cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, UserError, given, number, pick_device, run, text
 from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
 from gatera import apply_gatera, config_flags, gate_entropy, target_layers
@@ -140,6 +138,7 @@ def setup(args):
     for k in preset:
         setattr(args, k, budget[k])
     args.lr = args.lr or LR[args.method]
+    torch.manual_seed(args.seed)  # the adapter's init, dropout's masks, the ETA's timed steps
     return rank, world, device, dtype, why, preset
 
 
@@ -351,15 +350,6 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, state=
     return log
 
 
-def interrupted(step, ckpt_path, rank):
-    """Ctrl-C's one line (cli.run prints it): where the run stopped and which checkpoint continues it,
-    read back from disk, as Ctrl-C may have come just after a new one. The first process speaks for all."""
-    if rank != 0:
-        return Interrupted("")
-    return Interrupted(f"interrupted at step {step}; the checkpoint of step {read_checkpoint(ckpt_path)['step']} "
-                       f"is in {ckpt_path}; continue with --resume")
-
-
 # -----------------------------------------------------------------------------
 # the run: check, load, evaluate before, train, evaluate after, compare
 
@@ -375,7 +365,6 @@ def prepare(args, argv):
 def main(argv=None):
     args = parser.parse_args(argv)
     rank, world, device, dtype, why, preset, doomed, eval_dir, state, cfg = prepare(args, argv)
-    torch.manual_seed(args.seed)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); "
         "adapters, optimizer and loss in float32")
     say(eval_dir and f"--eval-only: writing to {eval_dir}")
@@ -403,8 +392,7 @@ def main(argv=None):
 
     # the training examples, and the budget: how many examples, how many steps
     n_available, encoded = load_training(args, tok)
-    total_steps = training_steps(args, len(encoded))[1]
-    metrics["n_train"] = len(encoded)
+    total_steps, metrics["n_train"] = training_steps(args, len(encoded))[1], len(encoded)
     if preset:  # the budget flags left to the CPU or GPU preset: say what it chose
         say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
             f"{len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
