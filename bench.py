@@ -54,7 +54,7 @@ from importlib.util import find_spec
 import torch
 import torch.nn.functional as F
 
-from cli import POSITIVE, POSITIVE_INT, UserError, pick_device, run, text, writable_folder
+from cli import POSITIVE, POSITIVE_INT, Parser, UserError, pick_device, run, text, writable_folder
 from files import write_json
 from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
@@ -68,7 +68,7 @@ SMOLLM2 = GPTConfig(arch="llama", vocab_size=49152, block_size=2048, n_layer=30,
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
 EVERY = OURS + PLAIN + PEFT + DTYPES + ["generate"]  # every row, in the order they run
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+parser = Parser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--batch", type=POSITIVE_INT, default=8)
 parser.add_argument("--seq", type=POSITIVE_INT, default=256)

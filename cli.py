@@ -25,6 +25,14 @@ class Interrupted(Exception):
     """Ctrl-C, with the line that says what is kept and how to go on ("" on a process that stays quiet)."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line (the flag, what is wrong) and not the whole usage:
+    `train.py: error: argument --batch-size: must be an integer >= 1, got '0' (see --help)`, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def run(main):
     """Call main(); a UserError ends in one line 'error: ...' and exit code 2, Ctrl-C in one line and
     exit code 130 (128 + SIGINT, as a shell reports it). Any other exception keeps its traceback."""

@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import (GPT2_NAMES, HUB_NAMES, LLAMA_NAMES, check_adapter, checkpoint_files, config_from_hf,
                          load_adapter, load_pretrained)
-from cli import UserError, run, text, writable_folder
+from cli import Parser, UserError, run, text, writable_folder
 from files import atomic_write
 from gatera import GateRAConfig, adapted_layers, apply_gatera, refuse_token_gate, row_norm
 
@@ -444,7 +444,7 @@ def merge_to_hf(model, out_dir, source, dtype=torch.float32):
 # -----------------------------------------------------------------------------
 # the command line: a trained adapter out as PEFT's adapter or as a merged checkpoint
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--adapter", type=text, required=True, help="the adapter folder (train.py's <out>/adapter)")
 parser.add_argument("--model", type=text, default="smollm2", help="the base it was trained on, as train.py's "
                     "--model: smollm2, a Hub id, a local Hugging Face folder or a .gguf file")

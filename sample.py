@@ -17,11 +17,11 @@ import os
 import torch
 
 from checkpoints import check_adapter, load_adapter, load_pretrained, pick_dtype
-from cli import COUNT, NONNEGATIVE, POSITIVE_INT, SEED, UserError, pick_device, run, text, writable_folder
+from cli import COUNT, NONNEGATIVE, POSITIVE_INT, Parser, SEED, UserError, pick_device, run, text, writable_folder
 from gates import GateRecorder, gate_page, gate_report, write_page
 from tokenizer import load_tokenizer
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--prompt", type=text, required=True, help="the text to continue")
 parser.add_argument("--adapter", type=text, default=None,
                     help="adapter folder (train.py's <out>/adapter); none: the bare model")

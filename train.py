@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
-from cli import COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, UserError, given, number, pick_device, run, text
+from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, given, number, pick_device,
+                 run, text)
 from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
 from gatera import apply_gatera, config_flags, gate_entropy, target_layers
@@ -41,7 +42,7 @@ from tokenizer import load_tokenizer
 # is checked where argparse parses it (cli's types): a bad value fails at once, naming the flag and the range.
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
                     help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} (train on the mix, evaluate on all 8)")
 parser.add_argument("--model", type=text, default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the "

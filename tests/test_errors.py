@@ -558,3 +558,13 @@ def test_comparing_predictions_on_different_items_names_both_files(tmp_path):
     a, b = predictions_file(tmp_path / "a.jsonl"), predictions_file(tmp_path / "b.jsonl", n=3)
     with pytest.raises(UserError, match=rf"{named(b)} and {named(a)} hold predictions on different test items"):
         comparison([(str(p), read_predictions(p)) for p in (a, b)])
+
+
+@pytest.mark.parametrize("command,argv", [(train, ["--batch-size", "0"]), (sample, ["--prompt", "x", "--top-k", "0"]),
+                                          (export, ["--adapter", " "]), (bench, ["--steps", "0"])])
+def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_whole_usage(command, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        command.parser.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
+    assert f"argument {argv[-2]}: must " in err and err.endswith("(see --help)\n")
