@@ -12,7 +12,7 @@ import os
 import shutil
 
 from checkpoints import check_adapter, check_resume, read_checkpoint
-from cli import UserError, writable_folder
+from cli import UserError, first_free, writable_folder
 from gatera import config_from_args
 
 RUN_FILES = ("ckpt.pt", "metrics.json", "log.jsonl", "adapter", "before", "after")  # what a run writes in --out
@@ -56,8 +56,7 @@ def check_out(args):
     with n the first free number. Returns (the files to delete, the folder of --eval-only)."""
     writable_folder(args.out, "--out")
     if args.eval_only:
-        n = next(n for n in range(1, 10**6) if not os.path.exists(os.path.join(args.out, f"eval-{n}")))
-        return [], os.path.join(args.out, f"eval-{n}")
+        return [], first_free(os.path.join(args.out, "eval-{}"))
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
     if args.resume and "ckpt.pt" not in found and set(found) - {"before"}:
         raise UserError(f"--resume: {args.out} holds a run ({', '.join(found)}) but no ckpt.pt to continue it from: "

@@ -105,6 +105,12 @@ def writable_folder(path, flag):
                         "in") from None
 
 
+def first_free(pattern):
+    """pattern.format(n) for the first n = 1, 2, ... that names nothing yet: a new file or folder beside
+    earlier ones, never over them (e.g. "out/eval-{}")."""
+    return next(pattern.format(n) for n in range(1, 10**6) if not os.path.exists(pattern.format(n)))
+
+
 def number(convert, low=None, high=None, low_open=False, high_open=False):
     """An argparse type: text -> convert(text), which must be finite and within [low, high]
     (an open end excludes it); the error names the range."""

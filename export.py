@@ -451,11 +451,12 @@ parser.add_argument("--model", type=text, default="smollm2", help="the base it w
 parser.add_argument("--peft", type=text, metavar="OUT", help="write the adapter in PEFT's layout (gate none or static)")
 parser.add_argument("--merged", type=text, metavar="OUT",
                     help="write the merged model as a Hugging Face checkpoint folder (gate none or static)")
+parser.add_argument("--overwrite", action="store_true", help="replace the files of an OUT folder that holds some")
 
 
 def check(args):
-    """Every check before the model loads: something to write, into folders that can be written and
-    are not the inputs (their files would be replaced), and the adapter's files."""
+    """Every check before the model loads: something to write, into folders that can be written, are
+    not the inputs and hold nothing yet (unless --overwrite), and the adapter's files."""
     if not (args.peft or args.merged):
         parser.error("nothing to write: give --peft OUT, --merged OUT, or both")
     inputs = {os.path.realpath(path): flag for flag, path in (("--adapter", args.adapter), ("--model", args.model))
@@ -466,6 +467,9 @@ def check(args):
                             "replace: give another folder")
         if out:
             writable_folder(out, flag)
+        if out and os.path.isdir(out) and os.listdir(out) and not args.overwrite:
+            raise UserError(f"{flag} {out} already holds {', '.join(sorted(os.listdir(out))[:4])}: give another "
+                            "folder, or --overwrite to replace its files")
     refuse_token_gate(check_adapter(args.adapter), f"export.py --adapter {args.adapter}")  # before the model loads
 
 

@@ -3,7 +3,7 @@ Generate text from a prompt with a pretrained model, with or without a trained a
 
     python sample.py --prompt "How do you keep bread fresh?"                          # SmolLM2-135M alone
     python sample.py --prompt "How do you keep bread fresh?" --adapter out/adapter    # after train.py
-    python sample.py --prompt "..." --adapter out/adapter --visualize 1 --out out     # and out/gates.html
+    python sample.py --prompt "..." --adapter out/adapter --visualize 1 --out out     # and out/gates-1.html
     python sample.py --prompt "..." --temperature 0.8 --top-k 50 --seed 1             # sampled, not greedy
 
 Prints the continuation as it comes (greedy at --temperature 0, else sampled and seeded by --seed),
@@ -17,7 +17,8 @@ import os
 import torch
 
 from checkpoints import check_adapter, load_adapter, load_pretrained, pick_dtype
-from cli import COUNT, NONNEGATIVE, POSITIVE_INT, Parser, SEED, UserError, pick_device, run, text, writable_folder
+from cli import (COUNT, NONNEGATIVE, POSITIVE_INT, SEED, Parser, UserError, first_free, pick_device, run, text,
+                 writable_folder)
 from gates import GateRecorder, gate_page, gate_report, write_page
 from tokenizer import load_tokenizer
 
@@ -32,8 +33,8 @@ parser.add_argument("--temperature", type=NONNEGATIVE, default=0.0, help="0: gre
 parser.add_argument("--top-k", type=POSITIVE_INT, default=None,
                     help="sample among the k most likely tokens (with --temperature > 0)")
 parser.add_argument("--seed", type=SEED, default=1337)
-parser.add_argument("--visualize", type=COUNT, default=0, metavar="N", help="N > 0: write <out>/gates.html of the gates")
-parser.add_argument("--out", type=text, default="out", help="folder of gates.html")
+parser.add_argument("--visualize", type=COUNT, default=0, metavar="N", help="N > 0: write the gates as <out>/gates-<n>.html")
+parser.add_argument("--out", type=text, default="out", help="folder of the gate pages")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="dtype of the frozen base weights; auto: bfloat16 where the CPU or GPU has bf16 matrix units")
@@ -104,7 +105,7 @@ def main(argv=None):
     for line in gate_report(recorder.summary(), "while generating"):
         print(line)
     if args.visualize and recorder.kept:
-        path = os.path.join(args.out, "gates.html")
+        path = first_free(os.path.join(args.out, "gates-{}.html"))  # beside earlier pages, never over them
         write_page(path, gate_page(f"{args.model}, {what}: generation", recorder, tok))
         print(f"wrote {path}")
     return {"generated": tok.decode(ids), "gates": recorder.summary()}

@@ -568,3 +568,15 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_whole_usage(comman
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "usage:" not in err, err
     assert f"argument {argv[-2]}: must " in err and err.endswith("(see --help)\n")
+
+
+def test_export_refuses_an_output_folder_that_holds_files_unless_overwrite(tmp_path):
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "mine.txt").write_text("mine")
+    adapter = tmp_path / "adapter"
+    save_adapter(adapted_tiny(gate="none"), adapter)
+    args = export.parser.parse_args(["--adapter", str(adapter), "--peft", str(tmp_path / "peft")])
+    with pytest.raises(UserError, match=r"--peft .*peft already holds mine.txt: give another folder, or --overwrite"):
+        export.check(args)
+    assert (tmp_path / "peft" / "mine.txt").read_text() == "mine"
+    export.check(export.parser.parse_args(["--adapter", str(adapter), "--peft", str(tmp_path / "peft"), "--overwrite"]))

@@ -160,7 +160,9 @@ def test_sample_py_streams_the_greedy_continuation_and_seeds_sampling(workdir, m
     text = tok.decode(want[:want.index(tok.eos_id)] if tok.eos_id in want else want)
     assert got["generated"] == text and "\nHow do you keep bread fresh?" + text + "\n" in printed
     assert got["gates"]["prefill"]["positions"] == len(prompt) and "decode" in got["gates"]
-    assert (tmp_path / "p" / "gates.html").exists()
+    assert (tmp_path / "p" / "gates-1.html").exists()
+    sample.main([*flags, "--out", str(tmp_path / "p")])  # a second page goes beside the first, never over it
+    assert sorted(os.listdir(tmp_path / "p")) == ["gates-1.html", "gates-2.html"]
     sampled = [sample.main([*flags, "--out", str(tmp_path / "s"), "--temperature", "1.5", "--top-k", "50",
                             "--seed", str(seed)])["generated"] for seed in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling
