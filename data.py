@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import json
 import lzma
+import math
 import os
 import re
 import sys
@@ -473,6 +474,31 @@ def length_grouped_batches(lengths, batch_size, seed):
         group = sorted(perm[i:i + 64 * batch_size], key=lambda j: lengths[j])
         batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
     return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def micro_batches(idx, encoded, grad_accum, max_tokens, rank, world):
+    """This rank's micro-batches of batch idx, the whole batch's numbers of target tokens and of real
+    tokens, and its first example. The batch is cut into parts of equal size: at least grad_accum of
+    them, and smaller ones where a part would hold more than max_tokens padded tokens (examples x the
+    longest), so that the few long batches bound the activations' memory while the short ones keep their
+    speed; rank r takes parts r, r + world, ... With DDP every rank must join every all-reduce, so where
+    a rank's part is empty it runs the first example as a stand-in with weight 0 (its gradient adds
+    zeros). The loss is normalised by the whole batch's counts, so any cut gives the same gradient."""
+    size = part_size(len(idx), max(len(encoded[i][0]) for i in idx), grad_accum, max_tokens)
+    parts = [idx[i:i + size] for i in range(0, len(idx), size)]
+    parts += [[]] * (-len(parts) % world)  # as many parts for every rank
+    return parts[rank::world], *token_counts(idx, encoded), idx[:1]
+
+
+def part_size(n, longest, grad_accum, max_tokens):
+    """Examples per micro-batch of a batch of n examples whose longest has `longest` tokens."""
+    return min(math.ceil(n / grad_accum), max(1, max_tokens // longest))
+
+
+def token_counts(idx, encoded):
+    """(target tokens, real tokens) of examples idx: what the loss terms are normalised by."""
+    n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
+    return max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
 
 
 def load_tests(args):

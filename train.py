@@ -27,7 +27,8 @@ from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, 
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
 from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, given, number, pick_device,
                  run, text)
-from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training
+from data import (LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training, micro_batches,
+                  part_size, token_counts)
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
 from gatera import apply_gatera, config_flags, gate_entropy, target_layers
 from gates import GateRecorder
@@ -36,7 +37,6 @@ from tokenizer import load_tokenizer
 # -----------------------------------------------------------------------------
 # flags (the papers' settings: r 32, alpha 64, lr 3e-4 LoRA, 1e-3 HiRA, 3 epochs, batch 16). Every number
 # is checked where argparse parses it (cli's types): a bad value fails at once, naming the flag and the range.
-
 
 parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
@@ -93,7 +93,7 @@ CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 # -----------------------------------------------------------------------------
-# setup: the device, torchrun, the dtype, the defaults that depend on them
+# setup: the device, torchrun, the dtype, the defaults that depend on them; the schedule
 
 
 def say(text):
@@ -103,9 +103,8 @@ def say(text):
 
 
 def setup(args):
-    """The device (and, under torchrun, the process group), the dtype of the frozen base and why,
-    and the defaults that depend on them: the budget preset and the method's lr.
-    Returns (rank, world, device, dtype, why, preset: the budget flags the preset filled)."""
+    """The device (and, under torchrun, the process group), the frozen base's dtype and why, and what
+    depends on them: the budget preset and the lr. Returns (rank, world, device, dtype, why, preset)."""
     rank, world = 0, 1
     device = pick_device(args.device)  # a device this machine lacks fails here, first
     args.device = str(device)
@@ -126,10 +125,6 @@ def setup(args):
     return rank, world, device, dtype, why, preset
 
 
-# -----------------------------------------------------------------------------
-# the schedule, a batch cut into micro-batches
-
-
 def training_steps(args, n_examples):
     """(steps per epoch, total steps): --max-steps, else --epochs passes over n_examples in batches of --batch-size."""
     steps_per_epoch = math.ceil(n_examples / args.batch_size)
@@ -141,31 +136,6 @@ def lr_at(step, args, total_steps):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
-
-
-def micro_batches(idx, encoded, grad_accum, max_tokens, rank, world):
-    """This rank's micro-batches of batch idx, the whole batch's numbers of target tokens and of real
-    tokens, and its first example. The batch is cut into parts of equal size: at least grad_accum of
-    them, and smaller ones where a part would hold more than max_tokens padded tokens (examples x the
-    longest), so that the few long batches bound the activations' memory while the short ones keep their
-    speed; rank r takes parts r, r + world, ... With DDP every rank must join every all-reduce, so where
-    a rank's part is empty it runs the first example as a stand-in with weight 0 (its gradient adds
-    zeros). The loss is normalised by the whole batch's counts, so any cut gives the same gradient."""
-    size = part_size(len(idx), max(len(encoded[i][0]) for i in idx), grad_accum, max_tokens)
-    parts = [idx[i:i + size] for i in range(0, len(idx), size)]
-    parts += [[]] * (-len(parts) % world)  # as many parts for every rank
-    return parts[rank::world], *token_counts(idx, encoded), idx[:1]
-
-
-def part_size(n, longest, grad_accum, max_tokens):
-    """Examples per micro-batch of a batch of n examples whose longest has `longest` tokens."""
-    return min(math.ceil(n / grad_accum), max(1, max_tokens // longest))
-
-
-def token_counts(idx, encoded):
-    """(target tokens, real tokens) of examples idx: what the loss terms are normalised by."""
-    n_targets = sum(y != -100 for i in idx for y in encoded[i][1][1:])  # the first token is never a target
-    return max(n_targets, 1), sum(len(encoded[i][0]) for i in idx)
 
 
 # -----------------------------------------------------------------------------
@@ -241,12 +211,11 @@ def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, ar
 
 
 def start_training(args, model, tok, encoded, metrics, rank, world, device, state=None, eval_s=None):
-    """The optimizer and the model the steps call (in training mode), then the step and log to start
-    from: those of the checkpoint read from <out>/ckpt.pt (state, with --resume), else step 0, after
-    the ETA and checkpoint 0. Returns (step_model, optimizer, step, log)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    step_model = model  # what the training steps call: maybe a DDP or compiled wrapper; the rest uses model
+    """(step_model, optimizer, step, log) to start from: the checkpoint's (state, with --resume), else
+    step 0, after the ETA and checkpoint 0. step_model is what the steps call, in training mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)  # on the adapters' parameters alone
+    step_model = model  # maybe a DDP or compiled wrapper; evaluation and checkpoints use model
     if torch.distributed.is_initialized():  # under torchrun
         step_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -393,13 +393,13 @@ def test_a_long_batch_is_cut_into_micro_batches_of_at_most_the_token_budget():
     for idx, grad_accum, budget, want in [(short, 1, 1024, [16]), (short, 2, 1024, [8, 8]), (long, 1, 1024, [4] * 4),
                                           (long, 1, 512, [2] * 8), (long, 1, 255, [1] * 16), (long, 3, 10**6, [6, 6, 4]),
                                           (alone, 1, 64, [1])]:
-        parts = train.micro_batches(idx, encoded, grad_accum, budget, 0, 1)[0]
+        parts = data.micro_batches(idx, encoded, grad_accum, budget, 0, 1)[0]
         assert [len(p) for p in parts] == want and sum(parts, []) == idx
         assert all(len(p) * max(lengths[i] for i in p) <= budget for p in parts if len(p) > 1)
     for world in (2, 3):  # the parts of the long batch dealt out: the same count for every process
-        dealt = [train.micro_batches(long, encoded, 1, 1024, rank, world)[0] for rank in range(world)]
+        dealt = [data.micro_batches(long, encoded, 1, 1024, rank, world)[0] for rank in range(world)]
         assert len({len(d) for d in dealt}) == 1 and sorted(sum(sum(dealt, []), [])) == long
-    assert train.micro_batches(long, encoded, 1, 1024, 0, 1)[1:3] == (16, sum(lengths[16:32]))  # the whole batch's counts
+    assert data.micro_batches(long, encoded, 1, 1024, 0, 1)[1:3] == (16, sum(lengths[16:32]))  # the whole batch's counts
 
 
 def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
