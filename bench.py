@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import POSITIVE, POSITIVE_INT, Parser, UserError, pick_device, run, text, writable_folder
+from budget import matmul_flops, matmul_rate
 from files import write_json
 from gatera import GateRAConfig, adapted_layers, apply_gatera
 from model import GPT, GPTConfig
@@ -301,6 +302,8 @@ def run_dtypes(row, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[dtype] = step
+    flops = matmul_flops(steps[torch.float32])  # the same matmuls in either dtype
+    rates = {str(dtype): matmul_rate(config, args.device, dtype, tokens=B * T) for dtype in steps}  # FLOP/s
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -308,7 +311,8 @@ def run_dtypes(row, args):
     for _ in range(args.steps):
         for dtype, step in steps.items():
             times[dtype].append(timed(step, args.device)[0])
-    return dict(row=row, fp32_times_s=times[torch.float32], bf16_times_s=times[torch.bfloat16], tokens=B * T)
+    return dict(row=row, fp32_times_s=times[torch.float32], bf16_times_s=times[torch.bfloat16], tokens=B * T,
+                flops=flops, matmul_flops_per_s=rates)
 
 
 @torch.no_grad()
@@ -475,6 +479,10 @@ def check_other_goals(dtype_rows, generation, args, goals):
         print(f"\n{name}: SmolLM2-135M's shape, a training step of {r['tokens']} tokens: fp32 base {fp32_ms:.0f} ms "
               f"({r['tokens'] / fp32_ms * 1e3:.0f} tok/s), bf16 base {bf16_ms:.0f} ms "
               f"({r['tokens'] / bf16_ms * 1e3:.0f} tok/s); bf16 / fp32 paired {r['bf16_over_fp32']:.3f}")
+        for dtype, ms in (("torch.float32", fp32_ms), ("torch.bfloat16", bf16_ms)):  # the step's share of the rate
+            rate = r["matmul_flops_per_s"][dtype]
+            print(f"  {dtype[6:]}: matmuls at these shapes {rate / 1e9:.0f} GFLOP/s; the step's {r['flops'] / 1e9:.1f} "
+                  f"GFLOP (attention not counted) in {ms:.0f} ms: {r['flops'] / (ms / 1e3) / rate:.2f} of that rate")
         check(goals, f"{name}: bf16 step / fp32 step", r["bf16_over_fp32"], 0.5)
     if generation:
         generation["speedup"] = generation["cache_tokens_per_s"] / generation["no_cache_tokens_per_s"]

@@ -641,7 +641,9 @@ def read_checkpoint(path):
 def check_resume(state, ckpt_path, args):
     """--resume: refuse a checkpoint (read_checkpoint's state, of ckpt_path) made with other flags than
     these; train.py calls it before the model loads."""
-    same = {k: v for k, v in state["args"].items() if k not in ("resume", "overwrite", "out", "device", "eval_only")}
+    chosen = ("train_examples",) if args.time_budget is not None and args.train_examples is None else ()  # by the budget
+    same = {k: v for k, v in state["args"].items()
+            if k not in ("resume", "overwrite", "out", "device", "eval_only", *chosen)}
     changed = {k: (v, vars(args)[k]) for k, v in same.items() if vars(args).get(k) != v}
     if changed:
         raise UserError(f"--resume: {ckpt_path} was made with other settings {changed}; use the same flags or "

@@ -35,6 +35,11 @@ def check_flags(args, given, training_only):
     if args.grad_accum > args.batch_size:
         raise UserError(f"--grad-accum {args.grad_accum} cuts each batch of --batch-size {args.batch_size} into more "
                         "micro-batches than it has examples: take --grad-accum <= --batch-size")
+    how_much = [f for f, given_ in (("--train-examples", args.train_examples is not None), ("--max-steps", args.max_steps))
+                if given_]  # --max-steps 0 is its default: the epochs decide
+    if args.time_budget is not None and how_much:
+        raise UserError(f"--time-budget chooses how many examples to train on, and {' and '.join(how_much)} "
+                        f"{'says' if len(how_much) == 1 else 'say'} it too, so one would be ignored: give one of them")
     if args.train_examples and args.train_examples < args.batch_size:
         raise UserError(f"--train-examples {args.train_examples} is less than one batch (--batch-size "
                         f"{args.batch_size}): take at least {args.batch_size}, or 0 for all")
@@ -96,13 +101,14 @@ def delete_run(out, files):
     return f"--overwrite: deleted {', '.join(files)} in {out}"
 
 
-def check_training_set(args, encoded, total_steps):
+def check_training_set(args, encoded, total_steps=None):
     """What only the encoded training set shows: a --cutoff that leaves no answer token in any example
-    (nothing to learn: an error), and a run no longer than its --warmup (a notice, returned: no decay)."""
+    (nothing to learn: an error), and a run of total_steps no longer than its --warmup (a notice,
+    returned: no decay)."""
     if not any(y != -100 for _, labels in encoded for y in labels[1:]):  # the first token is never a target
         raise UserError(f"--cutoff {args.cutoff}: no training example keeps a token of its answer within the "
                         "cutoff, so there is nothing to learn: raise --cutoff")
-    if args.warmup >= total_steps:
+    if total_steps is not None and args.warmup >= total_steps:
         top = args.lr * total_steps / args.warmup  # the last step's learning rate, still in the warmup
         reached = f"reaches the peak --lr {args.lr:g} only at the last step" if top >= args.lr else \
             f"never reaches the peak --lr {args.lr:g} (at most {top:.3g})"

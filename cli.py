@@ -139,6 +139,20 @@ POSITIVE = number(float, low=0, low_open=True)                  # > 0
 SEED = number(int, low=0, high=2**32 - 1)                      # a seed, as numpy takes them too
 
 
+def duration(value):
+    """An argparse type: a time, "90s", "10m", "1.5h" or a bare number of minutes -> seconds (> 0)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number_part, unit = (value[:-1], value[-1].lower()) if value[-1:].lower() in units else (value, "m")
+    try:
+        return POSITIVE(number_part) * units[unit]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a time > 0 such as 90s, 10m or 1.5h (a bare number: minutes), "
+                                         f"got {value!r}") from None
+
+
+duration.__name__ = "a time such as 90s, 10m or 1.5h"
+
+
 def text(value):
     """An argparse type: a non-empty string."""
     if not value.strip():

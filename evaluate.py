@@ -51,10 +51,12 @@ def hms(seconds):
     return time.strftime("%H:%M:%S", time.gmtime(max(0, seconds)))
 
 
-def progress(what, done, total, t0):
-    rate = done / max(time.time() - t0, 1e-9)
-    print(f"{what}: {done}/{total} | {rate:.1f}/s | {hms(time.time() - t0)} elapsed, "
-          f"ETA {hms((total - done) / max(rate, 1e-9))}", file=sys.stderr)
+def progress(what, done, total, t0, share=None):
+    """A progress line: done of total, the rate, the elapsed time and the ETA. share: the fraction of
+    the work done, where items differ in cost (the ETA uses it; default done / total)."""
+    elapsed, share = time.time() - t0, done / total if share is None else share
+    print(f"{what}: {done}/{total} | {done / max(elapsed, 1e-9):.1f}/s | {hms(elapsed)} elapsed, "
+          f"ETA {hms(elapsed * (1 - share) / max(share, 1e-9))}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
     first_row = [0] + list(itertools.accumulate(len(c) for c in requests))
     golds = [rows[first_row[n] + gold_index(task, ex)] for n, (_, ex) in enumerate(items)]  # the correct rows
     scores = [0.0] * len(rows)
-    t0 = time.time()
+    t0, tokens = time.time(), [len(rows[i][1]) + len(rows[i][2]) for i in order]  # a row's cost: its tokens
     for b, start in enumerate(range(0, len(order), batch_size)):
         batch = [rows[i] for i in order[start:start + batch_size]]
         ids = pad([ctx + cont for _, ctx, cont in batch], tok.pad_id).to(device)      # (B, T) right padding
@@ -103,7 +105,8 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
                     if rows[i] is golds[rows[i][0]]}
             recorder.add(gates, kinds, ids, gold)
         if b % 20 == 19 or start + batch_size >= len(order):
-            progress(f"eval {task}", min(start + batch_size, len(order)), len(order), t0)
+            done = min(start + batch_size, len(order))  # the longest rows run first: the ETA counts tokens
+            progress(f"eval {task}", done, len(order), t0, sum(tokens[:done]) / sum(tokens))
     predictions, k = [], 0
     for (index, ex), choices in zip(items, requests):
         ll, k = scores[k:k + len(choices)], k + len(choices)
@@ -404,7 +407,8 @@ def evaluate_after(args, model, tok, tests, before, log, metrics, device, what, 
     train_log = [r for r in log if "task_loss" in r]
     if train_log:
         metrics.update({"train_loss_first": train_log[0]["task_loss"], "train_loss_last": train_log[-1]["task_loss"],
-                        "tokens_per_s": train_log[-1]["tokens_per_s"], "steps": train_log[-1]["step"]})
+                        "tokens_per_s": train_log[-1]["tokens_per_s"], "matmul_share": train_log[-1]["matmul_share"],
+                        "steps": train_log[-1]["step"]})
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     metrics.update({"peak_memory_mb": peak / 2**20, "wall_s": time.time() - t_start})
@@ -423,17 +427,19 @@ def eval_record(step, results):
         f", gate {kind} {s['mean']:.3f}" for kind, s in r["gates"].items()) for t, r in rec["eval"].items())
 
 
-def step_record(step, task_loss, entropy, entropy_weight, gates, lr, tokens_seen, elapsed):
+def step_record(step, task_loss, entropy, entropy_weight, gates, lr, tokens_seen, elapsed, s_per_token_at_rate):
     """log.jsonl's record of a training step: the losses; the gates of this rank's micro-batches (on
     all positions, each kind weighted by its count; the prompt's, prefill; the answer's, scored);
-    the learning rate; the speed."""
+    the learning rate; the speed, and its share of the matmul rate: the seconds a token's matmul FLOPs
+    take at this machine's matmul rate (budget.matmul_rate) x tokens per second."""
     n = sum(s["positions"] for s in gates.values())
     mean = {k: sum(s[k] * s["positions"] for s in gates.values()) / n if n else None
             for k in ("mean", "below_0.1", "above_0.9")}
     return {"step": step, "loss": task_loss + entropy_weight * entropy, "task_loss": task_loss, "entropy": entropy,
             "gate_mean": mean["mean"], "gate_below_0.1": mean["below_0.1"], "gate_above_0.9": mean["above_0.9"],
             "gate_prompt": gates.get("prefill", {}).get("mean"), "gate_answer": gates.get("scored", {}).get("mean"),
-            "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
+            "lr": lr, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed,
+            "matmul_share": tokens_seen / elapsed * s_per_token_at_rate}
 
 
 def step_line(r, total_steps, eta):
@@ -441,7 +447,8 @@ def step_line(r, total_steps, eta):
     gate = "" if r["gate_mean"] is None else \
         f" | gate {r['gate_mean']:.3f} (<0.1 {r['gate_below_0.1']:.0%}, >=0.9 {r['gate_above_0.9']:.0%})"
     return (f"step {r['step']}/{total_steps} | loss {r['loss']:.4f} | task {r['task_loss']:.4f} | H {r['entropy']:.4f}"
-            f"{gate} | lr {r['lr']:.2e} | {r['tokens_per_s']:.0f} tok/s | {hms(r['elapsed_s'])} elapsed, "
+            f"{gate} | lr {r['lr']:.2e} | {r['tokens_per_s']:.0f} tok/s ({r['matmul_share']:.2f} of the matmul rate) | "
+            f"{hms(r['elapsed_s'])} elapsed, "
             f"ETA {hms(eta)}")
 
 

@@ -23,12 +23,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from budget import eta, evaluation_seconds, fit_examples, matmul_rate, step_seconds, timing_model
 from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
-from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, given, number, pick_device,
-                 run, text)
-from data import (LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training, micro_batches,
-                  part_size, token_counts)
+from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, duration, given, number,
+                 pick_device, run, text)
+from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training, micro_batches, subset
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
 from gatera import apply_gatera, config_flags, gate_entropy, target_layers
 from gates import GateRecorder
@@ -75,7 +75,9 @@ training.add_argument("--cutoff", type=number(int, low=2), default=256, help="ma
 training.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
 training.add_argument("--train-prompt", default="eval", choices=["eval", "reference"],
                       help="label format's training prompt bytes: the evaluation prompt, or LLM-Adapters' variant")
-training.add_argument("--train-examples", type=COUNT, default=None, help="random subset (0: all; CPU default 10000)")
+training.add_argument("--time-budget", type=duration, default=None,
+                      help="the whole command's time (90s, 10m, 1.5h; CPU default 30m): as many examples as fit")
+training.add_argument("--train-examples", type=COUNT, default=None, help="random subset (default 0: all)")
 training.add_argument("--skip-eval-before", action="store_true", help="no evaluation before training (= zero-shot)")
 training.add_argument("--eval-interval", type=COUNT, default=0, help="also evaluate every N steps, into log.jsonl")
 training.add_argument("--resume", action="store_true", help="continue the run in --out from <out>/ckpt.pt")
@@ -87,9 +89,8 @@ training.add_argument("--grad-checkpointing", action="store_true", help="recompu
 TRAINING_ONLY = {a.dest for group in (adapter_flags, training) for a in group._group_actions}  # not with --eval-only
 
 LR = {"hira": 1e-3, "lora": 3e-4, "dora": 2e-4}  # the papers' peak learning rates, the default of --lr
-# a CPU run with no budget flag (--train-examples, --epochs, --eval-examples) takes this budget:
-# 14 to 33 minutes on 2-core CPUs (README); a GPU run takes the papers' (all examples, 3 epochs)
-CPU_BUDGET = {"train_examples": 10000, "epochs": 1, "eval_examples": 0}
+# no budget flag: a CPU run ends within 30 minutes, as many examples as fit (budget.py); a GPU run: the papers' budget
+CPU_BUDGET = {"time_budget": 30 * 60, "epochs": 1, "eval_examples": 0}
 PAPER_BUDGET = {"train_examples": 0, "epochs": 3, "eval_examples": 0}
 
 # -----------------------------------------------------------------------------
@@ -116,7 +117,9 @@ def setup(args):
             torch.cuda.set_device(args.device)
             device = torch.device(args.device)
     dtype, why = pick_dtype(args.dtype, device)
-    budget = CPU_BUDGET if device.type == "cpu" else PAPER_BUDGET
+    budget = dict(CPU_BUDGET if device.type == "cpu" else PAPER_BUDGET)
+    if args.time_budget is not None or args.train_examples is not None or args.max_steps:  # how much: given
+        budget = {k: v for k, v in budget.items() if k not in ("time_budget", "train_examples")}
     preset = [k for k in budget if getattr(args, k) is None]  # budget flags left to the preset
     for k in preset:
         setattr(args, k, budget[k])
@@ -139,7 +142,7 @@ def lr_at(step, args, total_steps):
 
 
 # -----------------------------------------------------------------------------
-# a micro-batch's forward and backward, and how long an epoch of them takes
+# a micro-batch's forward and backward
 
 
 def forward_backward(step_model, batch, n_targets, n_real, entropy_weight, scale=1.0, recorder=None):
@@ -181,38 +184,14 @@ def forward_backward_all(step_model, micro, first, encoded, n_targets, n_real, p
     return stats
 
 
-def training_seconds(step_model, optimizer, encoded, batches, pad_id, device, args, world):
-    """About how long one epoch of `batches` takes: a forward and backward (no update) of median-length
-    and of 90th-percentile-length examples is timed (the second run of each: the first touches new
-    memory), which gives seconds = fixed + per_token * padded tokens for each micro-batch. RNG and
-    gradients are left as they were."""
-    by_length, timed = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0])), []  # timed: (tokens, s)
-    for start in (int(q * len(encoded)) for q in (0.5, 0.9)):  # a micro-batch of median and of long examples
-        longest = len(encoded[by_length[min(start + args.batch_size, len(encoded)) - 1]][0])  # in a batch from there
-        mb = by_length[start:][:part_size(args.batch_size, longest, args.grad_accum, args.micro_batch_tokens)]
-        n_targets, n_real = token_counts(mb, encoded)
-        batch = [t.to(device) for t in collate([encoded[i] for i in mb], pad_id)]
-        with torch.random.fork_rng():
-            for _ in range(2):
-                t = time.time()
-                forward_backward(step_model, batch, n_targets, n_real, args.entropy_weight)
-                t = time.time() - t
-        timed.append((batch[0].numel(), t))
-    optimizer.zero_grad(set_to_none=True)
-    (n_short, t_short), (n_long, t_long) = timed
-    per_token = max(t_long - t_short, 0) / max(n_long - n_short, 1)
-    padded = [len(mb) * max(len(encoded[i][0]) for i in mb) for b in batches
-              for mb in micro_batches(b, encoded, args.grad_accum, args.micro_batch_tokens, 0, 1)[0] if mb]
-    return sum(t_short + per_token * (n - n_short) for n in padded) / world
-
-
 # -----------------------------------------------------------------------------
 # the training loop
 
 
-def start_training(args, model, tok, encoded, metrics, rank, world, device, state=None, eval_s=None):
-    """(step_model, optimizer, step, log) to start from: the checkpoint's (state, with --resume), else
-    step 0, after the ETA and checkpoint 0. step_model is what the steps call, in training mode."""
+def start_training(args, model, encoded, metrics, rank, world, device, timing, state=None):
+    """(step_model, optimizer, step, log, costs) to start from: the checkpoint's (state, with --resume),
+    else step 0, after checkpoint 0. step_model is what the steps call, in training mode; costs the
+    modelled seconds of every step (budget.step_seconds, from timing), which the ETA scales."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay)  # on the adapters' parameters alone
     step_model = model  # maybe a DDP or compiled wrapper; evaluation and checkpoints use model
@@ -221,7 +200,7 @@ def start_training(args, model, tok, encoded, metrics, rank, world, device, stat
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         step_model = torch.compile(step_model)
-    steps_per_epoch, total_steps = training_steps(args, len(encoded))
+    total_steps = training_steps(args, len(encoded))[1]
     ckpt_path, step, log = os.path.join(args.out, "ckpt.pt"), 0, []
     if state is not None:
         step, log, saved = resume(state, ckpt_path, args, model, optimizer, device)
@@ -229,28 +208,22 @@ def start_training(args, model, tok, encoded, metrics, rank, world, device, stat
         say(f"resumed from {ckpt_path} at step {step}/{total_steps}")
     elif args.resume:
         say(f"--resume: no {ckpt_path} yet, starting from scratch")
-    if step == 0:  # the ETA, from two timed micro-batches; then checkpoint 0
-        batches = length_grouped_batches([len(ids) for ids, _ in encoded], args.batch_size, args.seed)
-        train_s = (training_seconds(step_model, optimizer, encoded, batches, tok.pad_id, device, args, world)
-                   * total_steps / steps_per_epoch)
-        say(f"training: about {hms(train_s)} ({train_s / total_steps:.2f} s a step, from two timed ones)" +
-            (f"; with the evaluation after it (as long as the one before, {hms(eval_s)}) about "
-             f"{hms(train_s + eval_s)} to go" if eval_s else ""))
-        if rank == 0:
-            write_checkpoint(args, step, model, optimizer, log, metrics, device)
-    say(f"training on {len(encoded)} examples: {total_steps} steps of {args.batch_size} examples, "
-        f"{world} process(es), lr {args.lr:g}, entropy weight {args.entropy_weight:g}")
+    if step == 0 and rank == 0:
+        write_checkpoint(args, step, model, optimizer, log, metrics, device)
+    costs = step_seconds(encoded, args, world, total_steps, timing)
+    say(f"training on {len(encoded)} examples: {total_steps} steps of {args.batch_size} examples, {world} process(es), "
+        f"lr {args.lr:g}, entropy weight {args.entropy_weight:g}: about {hms(sum(costs[step:]))} (two timed micro-batches)")
     step_model.train()
-    return step_model, optimizer, step, log
+    return step_model, optimizer, step, log, costs
 
 
-def train(args, model, tok, encoded, tests, metrics, rank, world, device, state=None, eval_s=None):
+def train(args, model, tok, encoded, tests, metrics, rank, world, device, timing, state=None):
     """Train the adapters from the start, or from the checkpoint `state` with --resume; returns the log.
     Step s takes batch s % steps_per_epoch of epoch s // steps_per_epoch: the order is a function
     of (seed, s) alone, so a resumed run goes on exactly as the uninterrupted one would. Ctrl-C ends
     the run with a line that says which checkpoint is kept (whole: it is written atomically)."""
-    step_model, optimizer, step, log = start_training(args, model, tok, encoded, metrics, rank, world, device,
-                                                      state, eval_s)
+    step_model, optimizer, step, log, costs = start_training(args, model, encoded, metrics, rank, world, device,
+                                                             timing, state)
     (steps_per_epoch, total_steps), ckpt_path = training_steps(args, len(encoded)), os.path.join(args.out, "ckpt.pt")
     t0, tokens_seen, step0, epoch = time.time(), 0, step, None
     try:
@@ -286,8 +259,8 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, state=
             if logging:
                 elapsed = time.time() - t0
                 log.append(step_record(step, task_loss, entropy, args.entropy_weight, recorder.summary(), lr,
-                                       tokens_seen, elapsed))
-                say(step_line(log[-1], total_steps, eta=elapsed / (step - step0) * (total_steps - step)))
+                                       tokens_seen, elapsed, timing[2] / timing[3]))
+                say(step_line(log[-1], total_steps, eta=eta(costs, step0, step, elapsed)))
             # evaluate, every --eval-interval steps
             if rank == 0 and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
                 t_eval = time.time()
@@ -315,12 +288,46 @@ def prepare(args, argv):
     return (*setup(args), *check_run(args))
 
 
+def training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start):
+    """(the examples to train on, timing: budget.timing_model's (fixed, per_token, flops_per_token) of
+    their micro-batches, then budget.matmul_rate's FLOP/s). With a time budget (--time-budget, or the
+    CPU preset), as many of encoded as fit into what is left of it after the evaluation after
+    (estimated from a sample), chosen by the seed as --train-examples chooses them; the budget line
+    says what was chosen and why. Call it with the adapters at init."""
+    def run(batch, n_targets, n_real):
+        forward_backward(model, batch, n_targets, n_real, args.entropy_weight)
+    timing = (*timing_model(run, encoded, tok.pad_id, device, args),
+              matmul_rate(model.config, device, model.lm_head.weight.dtype))
+    model.zero_grad(set_to_none=True)
+    why = ""
+    if args.time_budget is not None and args.train_examples is None:  # None: not chosen yet (--resume: chosen)
+        eval_after_s, timed = evaluation_seconds(model, tok, tests, args, device)
+        spent = time.time() - t_start
+        n, per_example = fit_examples(args, encoded, world, timing, args.time_budget - spent - eval_after_s)
+        if torch.distributed.is_initialized():  # the first process's choice, for all
+            torch.distributed.broadcast_object_list(chosen := [n], src=0)
+            n = chosen[0]
+        args.train_examples, encoded = n, [encoded[i] for i in subset(len(encoded), n, args.seed)]
+        why = (f" to end within {hms(args.time_budget)}: {hms(spent)} spent so far, the evaluation after about "
+               f"{hms(eval_after_s)} ({timed} questions timed), {per_example:.2f} s an example")
+    total_steps = training_steps(args, len(encoded))[1]
+    if preset or why:  # the budget flags left to the CPU or GPU preset, or --time-budget: say what they chose
+        by = f"{device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}" if preset else "--time-budget"
+        say(f"budget ({by}): {len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} "
+            f"steps of {args.batch_size}; {sum(map(len, tests.values()))} test examples{why}")
+    say(check_training_set(args, encoded, total_steps))  # a notice if --warmup is as long as the run
+    return encoded, timing
+
+
 def main(argv=None):
+    t_start = time.time()  # the whole command's time: --time-budget counts it, metrics.json's wall_s reports it
     args = parser.parse_args(argv)
     rank, world, device, dtype, why, preset, doomed, eval_dir, state, cfg = prepare(args, argv)
     say(f"{device}: frozen base in {str(dtype).removeprefix('torch.')} ({why}); "
         "adapters, optimizer and loss in float32")
     say(eval_dir and f"--eval-only: writing to {eval_dir}")
+    if state is not None and args.time_budget is not None:  # --resume: the examples its time budget chose
+        args.train_examples = state["args"]["train_examples"]
 
     # the pretrained model, and the adapter: the one to evaluate (--eval-only), else the one to train
     model = load_pretrained(args.model, dtype=dtype).to(device).requires_grad_(False)
@@ -338,33 +345,26 @@ def main(argv=None):
     metrics = {"task": args.task, "model": args.model, "method": cfg and cfg.method, "gate": cfg and cfg.gate,
                "entropy_weight": args.entropy_weight, "format": args.format, "eval_mode": args.eval,
                "dtype": str(dtype).removeprefix("torch."), "n_eval": sum(map(len, tests.values())), "args": vars(args)}
-    t_start = time.time()
     if args.eval_only:  # beside the run in --out, never over it
         say(evaluate_after(args, model, tok, tests, None, [], metrics, device, what, t_start, eval_dir))
         return metrics
 
-    # the training examples, and the budget: how many examples, how many steps
+    # the training examples: --train-examples of them, or all (a time budget chooses among them below)
     n_available, encoded = load_training(args, tok)
-    total_steps, metrics["n_train"] = training_steps(args, len(encoded))[1], len(encoded)
-    if preset:  # the budget flags left to the CPU or GPU preset: say what it chose
-        say(f"budget ({device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}): "
-            f"{len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} steps of "
-            f"{args.batch_size}; {metrics['n_eval']} test examples, evaluated "
-            f"{'after' if args.skip_eval_before else 'before and after'}")
-    say(check_training_set(args, encoded, total_steps))  # no answer token within --cutoff; a notice if --warmup is long
+    check_training_set(args, encoded)  # no answer token within --cutoff: an error before any long work
 
     # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
-    before, eval_s = {}, None
+    before = {}
     if rank == 0 and not args.skip_eval_before and state is None:
-        eval_s = time.time()
         _, before, lines = evaluate_tasks("before", model, tok, tests, args, device, metrics, what)
         say("\n".join(lines))
-        eval_s = time.time() - eval_s
     apply_gatera(model, cfg)
     n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or all_) for all_ in (0, 1))
     say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
-    log = train(args, model, tok, encoded, tests, metrics, rank, world, device, state, eval_s)
+    encoded, timing = training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start)
+    metrics.update(n_train=len(encoded), flops_per_token=timing[2], matmul_flops_per_s=timing[3])
+    log = train(args, model, tok, encoded, tests, metrics, rank, world, device, timing, state)
 
     # evaluate after, test the difference against before, write the adapter and the metrics
     if rank == 0:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
+import budget
 import train
 from checkpoints import load_adapter, load_pretrained
 from cli import UserError
@@ -247,9 +248,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(work
     real_ce = torch.nn.functional.cross_entropy
     calls = {"n": 0}
 
-    def poisoned(*a, **k):  # 4 calls time the training, then 2 a step: the 9th (step 3) returns NaN
+    def poisoned(*a, **k):  # 5 calls time the training and count its FLOPs, then 2 a step: the 10th (step 3) is NaN
         calls["n"] += 1
-        return real_ce(*a, **k) * (float("nan") if calls["n"] == 9 else 1.0)
+        return real_ce(*a, **k) * (float("nan") if calls["n"] == 10 else 1.0)
     monkeypatch.setattr(train.F, "cross_entropy", poisoned)
     with pytest.raises(UserError, match="not finite"):
         run_train(workdir, monkeypatch, tmp_path / "nan", "--max-steps", "6", "--ckpt-interval", "2")
@@ -357,30 +358,45 @@ def test_the_learning_rate_warms_up_linearly_then_decays_linearly_to_zero():
     assert train.lr_at(3, args, total) == train.lr_at(4, args, total) == 1e-2 and train.lr_at(total, args, total) == 0
 
 
-def test_the_training_time_estimate_extrapolates_two_timed_micro_batches(monkeypatch):
-    """training_seconds times a forward and backward of a median-length and of a 90th-percentile-length
-    micro-batch. With a clock where one takes exactly 0.5 s + 0.01 s per padded token, the estimate
-    for the epoch is that sum over its micro-batches, divided by the number of processes."""
+def test_the_timing_model_extrapolates_two_timed_micro_batches_to_every_step(monkeypatch):
+    """budget.timing_model times a forward and backward of a micro-batch of median-length examples and of
+    its first half. With a clock where one takes exactly 0.5 s + 0.01 s per padded token, the model is
+    (0.5, 0.01), and step_seconds prices each step as the sum over its micro-batches of the first process."""
     clock, seen = [100.0], []
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(budget.time, "time", lambda: clock[0])
 
-    def forward_backward(step_model, batch, n_targets, n_real, entropy_weight):  # "takes" 0.5 s + 0.01 s a token
-        ids = batch[0]                                                   # (B, T) padded
-        seen.append(tuple(ids.shape))
-        clock[0] += 0.5 + 0.01 * ids.numel()
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    def run(batch, n_targets, n_real):  # "takes" 0.5 s + 0.01 s a token
+        seen.append(tuple(batch[0].shape))                              # (B, T) padded
+        clock[0] += 0.5 + 0.01 * batch[0].numel()
     lengths = [3 * n + n % 4 for n in range(20)]                      # increasing, 3 to 60 tokens
     encoded = [(list(range(n)), [-100] * (n - 2) + [1, 2]) for n in lengths]
-    batches = [[7, 2, 19, 4], [0, 1, 3, 5], [6, 8, 9, 10], [11, 12, 13, 14], [15, 16, 17, 18]]
-    args = SimpleNamespace(batch_size=4, grad_accum=2, entropy_weight=0.0, micro_batch_tokens=10**6)  # parts of 2
-    optimizer = SimpleNamespace(zero_grad=lambda set_to_none=True: None)
-    micro = [b[i:i + 2] for b in batches for i in (0, 2)]
-    want = sum(0.5 + 0.01 * len(mb) * max(lengths[i] for i in mb) for mb in micro)
+    args = SimpleNamespace(batch_size=4, grad_accum=2, micro_batch_tokens=10**6, seed=0)  # parts of 2
+    assert budget.timing_model(run, encoded, 0, torch.device("cpu"), args) == pytest.approx((0.5, 0.01, 0), rel=1e-9)
+    assert seen == [(2, lengths[11])] * 3 + [(1, lengths[10])] * 2  # examples 10, 11 (then their FLOPs), 10
     for world in (1, 2):
-        got = train.training_seconds(None, optimizer, encoded, batches, 0, "cpu", args, world)
-        assert got == pytest.approx(want / world, rel=1e-9)
-    # the median and the 90th-percentile lengths (examples 10, 11 and 18, 19), each timed twice
-    assert seen[:4] == [(2, lengths[11])] * 2 + [(2, lengths[19])] * 2
+        costs = budget.step_seconds(encoded, args, world, 7, (0.5, 0.01))  # 7 steps: an epoch of 5, then 2 more
+        for s, cost in enumerate(costs):
+            batch = data.length_grouped_batches(lengths, 4, s // 5)[s % 5]
+            mine = [batch[i:i + 2] for i in (0, 2)][::world]               # the first process's parts
+            assert cost == pytest.approx(sum(0.5 + 0.01 * 2 * max(lengths[i] for i in mb) for mb in mine), rel=1e-9)
+
+
+def test_the_eta_scales_the_cost_of_the_steps_left_by_what_the_steps_so_far_took():
+    costs = [1.0, 1.0, 4.0, 4.0, 2.0]
+    assert budget.eta(costs, 0, 2, 3.0) == pytest.approx(3.0 * 10.0 / 2.0)  # 1.5 x slower than modelled
+    assert budget.eta(costs, 1, 3, 10.0) == pytest.approx(10.0 * 6.0 / 5.0)  # resumed at step 1
+    assert budget.eta(costs, 0, 5, 7.0) == 0
+
+
+def test_a_time_budget_takes_as_many_examples_as_fit_and_refuses_one_too_short_for_a_step():
+    lengths = [10] * 40                                                  # 40 examples of 10 tokens: 10 batches of 4
+    encoded = [([0] * n, [-100] * (n - 1) + [1]) for n in lengths]
+    args = SimpleNamespace(batch_size=4, grad_accum=1, micro_batch_tokens=10**6, seed=0, epochs=2, time_budget=600)
+    n, per_example = budget.fit_examples(args, encoded, 1, (1.0, 0.05), 30.0)  # a step: 1 s + 0.05 s x 40 tokens
+    assert per_example == pytest.approx(3.0 / 4) and n == int(30.0 / (2 * 0.75)) == 20
+    assert budget.fit_examples(args, encoded, 1, (1.0, 0.05), 1000.0)[0] == 40  # never more than there are
+    with pytest.raises(UserError, match="--time-budget 00:10:00 leaves 00:00:05 for training.*less than one step"):
+        budget.fit_examples(args, encoded, 1, (1.0, 0.05), 5.0)
 
 
 def test_a_long_batch_is_cut_into_micro_batches_of_at_most_the_token_budget():
@@ -411,16 +427,36 @@ def test_resume_refuses_other_settings(workdir, monkeypatch, tmp_path):
 # =============================================================================
 # train.py: the CPU budget, the batch cut into micro-batches
 
-def test_a_cpu_run_with_no_budget_flag_takes_the_cpu_budget_and_says_so(workdir, monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(train.CPU_BUDGET, "train_examples", 6)
-    m = run_train(workdir, monkeypatch, tmp_path / "preset", "--max-steps", "1", "--device", "cpu", "--dtype", "auto")
+def test_a_cpu_run_with_no_budget_flag_takes_the_cpu_time_budget_and_says_so(workdir, monkeypatch, tmp_path, capsys):
+    """No budget flag: the whole command in 30 minutes, as many examples as fit (all 8 of the tiny set);
+    a flag that says how much to train (--max-steps) leaves the time budget out of the preset."""
+    m = run_train(workdir, monkeypatch, tmp_path / "preset", "--device", "cpu", "--dtype", "auto")
     out = capsys.readouterr().out
-    assert "budget (cpu preset for --train-examples, --epochs, --eval-examples): 6 of 8 train examples" in out
-    assert m["n_train"] == 6 and m["args"]["epochs"] == train.CPU_BUDGET["epochs"]
+    assert "budget (cpu preset for --time-budget, --epochs, --eval-examples): 8 of 8 train examples" in out
+    assert "to end within 00:30:00" in out and "questions timed" in out
+    assert m["n_train"] == 8 and m["args"]["train_examples"] == 8 and m["args"]["time_budget"] == 1800
     assert out.splitlines()[0].startswith("cpu: frozen base in ")  # the first line: the dtype, and why
+    m = run_train(workdir, monkeypatch, tmp_path / "steps", "--max-steps", "1")
+    assert "budget (cpu preset for --epochs, --eval-examples): 8 of 8" in capsys.readouterr().out
     m = run_train(workdir, monkeypatch, tmp_path / "flags", "--max-steps", "1", "--train-examples", "0",
                   "--epochs", "1", "--eval-examples", "0")
     assert "budget (" not in capsys.readouterr().out and m["n_train"] == 8
+
+
+def test_a_time_budget_chooses_the_examples_and_a_resumed_run_keeps_them(workdir, monkeypatch, tmp_path, capsys):
+    """--time-budget on a slow machine (a timing model of 100 s a micro-batch, two a step: 50 s an
+    example; the evaluation after 10 s): 4 minutes leave about 230 s, 4 examples; said. --resume of that
+    run keeps them; a budget too short for one step is refused."""
+    monkeypatch.setattr(train, "timing_model", lambda *a: (100.0, 0.0, 1e9))  # s, s a token, FLOPs a token
+    monkeypatch.setattr(train, "evaluation_seconds", lambda *a, **k: (10.0, 4))
+    m = run_train(workdir, monkeypatch, tmp_path / "b", "--time-budget", "4m", "--skip-eval-before")
+    out = capsys.readouterr().out
+    assert m["n_train"] == 4 and "4 of 8 train examples x 1 epoch(s) = 1 steps of 4" in out
+    assert "to end within 00:04:00" in out and "the evaluation after about 00:00:10 (4 questions timed)" in out
+    m = run_train(workdir, monkeypatch, tmp_path / "b", "--time-budget", "4m", "--skip-eval-before", "--resume")
+    assert m["n_train"] == 4 and m["args"]["train_examples"] == 4
+    with pytest.raises(UserError, match="less than one step"):
+        run_train(workdir, monkeypatch, tmp_path / "c", "--time-budget", "200s", "--skip-eval-before")
 
 
 def test_cutting_a_batch_into_micro_batches_gives_the_same_gradients(workdir, monkeypatch, tmp_path):
