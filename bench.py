@@ -5,7 +5,8 @@ with gate none, static and token, beside the arithmetic floor of each; then KV-c
 With peft and transformers installed, also transformers' GPT-2 of the same shape, frozen (hf-base),
 and PEFT's LoRA, DoRA and HiRA on it, each timed beside our step of the same adapter. Last, the
 frozen base stored in bf16 against fp32 (adapters fp32 both times) for SmolLM2-135M's shape and a
-cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes). The plain-*
+cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes), each beside this
+machine's matmul rate at the model's shapes in that dtype (budget.matmul_rate). The plain-*
 rows run AdaptedLinear.forward_plain (the equations, plain autograd), each timed by turns with the
 fused default of the same adapter: what the fast paths save, in time and in peak memory.
 
