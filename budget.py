@@ -42,21 +42,23 @@ def matmul_flops(fn):
     return sum(v for op, v in counter.get_flop_counts().get("Global", {}).items() if "attention" not in str(op))
 
 
-def matmul_rate(config, device, dtype, tokens=1024, reps=3):
+def matmul_rate(config, device, dtype, tokens=1024, reps=10):
     """FLOP/s of this machine's matmuls at the model's own shapes (tokens x n_embd -> mlp_hidden, back,
-    n_embd -> n_embd and -> the k/v width), 2 FLOPs a multiply-add: what a training step's FLOPs
-    are measured against, as a GPU's MFU is against its peak."""
+    n_embd -> n_embd and -> the k/v width), 2 FLOPs a multiply-add, each shape's time the median of
+    `reps` calls after two untimed ones: what a training step's FLOPs are measured against, as a GPU's
+    MFU is against its peak."""
     C, H, kv = config.n_embd, config.mlp_hidden, config.n_kv_head * config.head_dim
     flops, seconds = 0, 0.0
     for n_in, n_out in ((C, H), (H, C), (C, C), (C, kv)):
         x, w = torch.randn(tokens, n_in, device=device, dtype=dtype), torch.randn(n_out, n_in, device=device, dtype=dtype)
-        F.linear(x, w)  # the first call builds the kernel
-        sync(device)
-        t = time.time()
-        for _ in range(reps):
+        times = []
+        for _ in range(reps + 2):  # the first calls build the kernel and touch the memory
+            sync(device)
+            t = time.time()
             F.linear(x, w)
-        sync(device)
-        flops, seconds = flops + 2 * tokens * n_in * n_out * reps, seconds + time.time() - t
+            sync(device)
+            times.append(time.time() - t)
+        flops, seconds = flops + 2 * tokens * n_in * n_out, seconds + sorted(times[2:])[reps // 2]
     return flops / seconds
 
 

@@ -129,3 +129,49 @@ class DoRAScaledBase(torch.autograd.Function):
             dx = torch.addcmul(dz, g, dz * c) @ W0                       # (N, in) (dz + g c dz) W0
         P = dz * w                                                       # (N, out)
         return dx, None, None, P @ c[:, None], (g.T @ P)[0]
+
+
+class RMSNormKeepingInput(torch.autograd.Function):
+    """w * (x / rms(x)) with rms(x) = sqrt(mean(x^2) + eps), computed in fp32 (or fp64) and cast back to x's dtype
+    before the scale w (as Llama does): model.RMSNorm's formula.
+
+    Plain autograd would keep the fp32 copy of x (N, C) for the backward, twice the bytes of a bf16 x;
+    this keeps x in its own dtype and r = 1 / rms(x) (N, 1), and rebuilds x_hat = x r in fp32 there.
+    With the loss gradient dy and d = dy * w in fp32:
+        dx = r (d - x_hat mean(d * x_hat)),   dw = sum over tokens of dy * x_hat (cast as the forward)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))         # fp32 (fp64 stays fp64)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)           # (..., 1) 1 / rms(x)
+        ctx.save_for_backward(x, w, r)
+        return w * (xf * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, r = ctx.saved_tensors
+        x_hat = x.to(r.dtype) * r
+        d = dy.to(r.dtype) * w.to(r.dtype)
+        dx = (r * (d - x_hat * (d * x_hat).mean(-1, keepdim=True))).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (dy * x_hat.to(x.dtype)).sum_to_size(w.shape) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+class SiLUMul(torch.autograd.Function):
+    """silu(a) * b, SwiGLU's product (a the gate projection's output, b the up projection's).
+
+    Plain autograd would keep a for silu's backward and both silu(a) and b for the product's; this
+    keeps a and b and recomputes silu(a) there. With s = sigmoid(a) and the loss gradient dy:
+        da = dy * b * s (1 + a (1 - s)),   db = dy * a s."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, dy):
+        a0, b0 = ctx.saved_tensors
+        a, b, dy = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (a0, b0, dy))  # fp32 at least
+        s = torch.sigmoid(a)
+        return (dy * b * s * (1 + a * (1 - s))).to(a0.dtype), (dy * a * s).to(b0.dtype)

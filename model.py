@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import UserError
+from fused import RMSNormKeepingInput, SiLUMul
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the scale (as Llama does)."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back before the scale (as Llama does);
+    fused.RMSNormKeepingInput keeps x, not its fp32 copy, for the backward."""
 
     def __init__(self, dim, eps):
         super().__init__()
@@ -99,9 +101,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return RMSNormKeepingInput.apply(x, self.weight, self.eps)
 
 
 def make_norm(config):
@@ -190,19 +190,20 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, past + T, hd)
-        repeat = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)  # (B, nh, Tk, hd)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
             # PyTorch's CPU attention backward runs 2-3x slower in bf16 than in fp32 (measured on 2 cores, one
             # layer of SmolLM2, 16 x 48 tokens: 14.5 ms forward and backward in bf16, 4.7 ms in fp32)
             q, k, v = q.float(), k.float(), v.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None).to(x.dtype)
+        # enable_gqa: each k, v head serves n_head / n_kv_head query heads, without copying it that many times
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_head < self.n_head).to(x.dtype)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh * hd)
         return self.o_proj(y, gates)
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))).  Llama (SwiGLU): down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(gelu_tanh(up(x))).  Llama (SwiGLU): down(silu(gate(x)) * up(x)), the product by
+    fused.SiLUMul, which keeps two (N, hidden) tensors for the backward where autograd keeps three."""
 
     def __init__(self, config):
         super().__init__()
@@ -215,7 +216,7 @@ class MLP(nn.Module):
 
     def forward(self, x, gates=None):
         if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x, gates)) * self.up_proj(x, gates), gates)
+            return self.down_proj(SiLUMul.apply(self.gate_proj(x, gates), self.up_proj(x, gates)), gates)
         return self.down_proj(F.gelu(self.up_proj(x, gates), approximate="tanh"), gates)
 
 

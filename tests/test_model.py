@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import train
 from checkpoints import checkpoint_files, load_adapter, load_pretrained, save_adapter
 from cli import UserError
+from fused import RMSNormKeepingInput, SiLUMul
 from gatera import adapted_layers, gate_entropy
 from tokenizer import load_tokenizer
 from tests.conftest import (adapted_tiny, finish, FIXTURES, left_padded, logits, max_diff, METHODS,
@@ -144,6 +145,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(reference, method):
 
 # ---------------------------------------------------------------------------------------------
 # checkpoint formats and errors
+
+def test_the_norm_and_swiglu_keep_less_for_the_backward_and_equal_plain_autograd():
+    """fused.RMSNormKeepingInput and fused.SiLUMul, model.py's RMSNorm and SwiGLU product: equal to
+    plain autograd of the formula (fp64: gradcheck, and the same numbers; bf16: within its rounding,
+    2^-7 of the norm), and what they keep for the backward: the norm keeps x in its own dtype, not an
+    fp32 copy, and the product two (N, hidden) tensors where autograd keeps three."""
+    def plain_norm(x, w, eps=1e-5):  # Llama's: in fp32, cast back before the scale
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    def plain_swiglu(a, b):
+        return torch.nn.functional.silu(a) * b
+    fused_norm = lambda x, w: RMSNormKeepingInput.apply(x, w, 1e-5)
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 2**-7)):
+        for fast, plain, shapes in ((fused_norm, plain_norm, [(6, 32), (32,)]), (SiLUMul.apply, plain_swiglu, [(6, 32)] * 2)):
+            inputs = [torch.randn(*s, dtype=dtype).requires_grad_() for s in shapes]
+            if dtype == torch.float64:
+                assert torch.autograd.gradcheck(fast, inputs)
+            dy = torch.randn(6, 32, dtype=dtype)
+            got, want = fast(*inputs), plain(*inputs)
+            grads = [torch.autograd.grad(y, inputs, dy) for y in (got, want)]
+            for a, b in [(got, want), *zip(*grads)]:
+                assert ((a.double() - b.double()).norm() / b.double().norm()).item() <= tol
+    def saved(fn, *inputs):  # the (dtype, shape) of every tensor kept for the backward, inputs included
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+            fn(*inputs)
+        return kept
+    x, w = torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True), torch.ones(32, dtype=torch.bfloat16)
+    assert (torch.float32, (6, 32)) in saved(plain_norm, x, w) and (torch.float32, (6, 32)) not in saved(fused_norm, x, w)
+    a, b = (torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    assert len(saved(plain_swiglu, a, b)) == 3 and len(saved(SiLUMul.apply, a, b)) == 2
+
 
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
 def test_sharded_safetensors_and_pytorch_bin_load_the_same_logits(name, reference, tmp_path):
