@@ -8,7 +8,9 @@ The batches of every step are known in advance (their order is a function of the
 model prices the whole run before it starts. The loop's ETA scales the cost of the steps still to
 run by what the steps so far took against their cost: what the timed micro-batches miss (the
 optimizer, the log, new shapes, memory first touched) is in that ratio, and a run of short or long
-batches early on does not skew it, as a plain "seconds per step so far" would.
+batches early on does not skew it, as a plain "seconds per step so far" would. What none of this
+sees is a run that slows as it goes: on a 2-core AMD EPYC the default run slowed by a quarter over its
+614 steps, and the budget and the ETA at step 50 came out 29 % and 16 % short (docs/results.md).
 """
 
 import math
