@@ -15,6 +15,7 @@ sees is a run that slows as it goes: on a 2-core AMD EPYC the default run slowed
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from cli import UserError
 from data import collate, length_grouped_batches, micro_batches, part_size, token_counts
 from evaluate import evaluate, hms
+
+
+class Timing(NamedTuple):
+    """What a run's time is made of on this machine: a micro-batch of n padded tokens takes fixed +
+    per_token * n seconds; a real token's forward and backward run flops_per_token matmul FLOPs; the
+    model's matmuls reach matmul_flops_per_s here."""
+    fixed: float
+    per_token: float
+    flops_per_token: float
+    matmul_flops_per_s: float
 
 
 def sync(device):
@@ -94,7 +105,7 @@ def timing_model(run, encoded, pad_id, device, args):
 def step_seconds(encoded, args, world, total_steps, timing):
     """The modelled seconds of each of total_steps steps over encoded: step s takes batch s % (steps
     per epoch) of its epoch, as train.train does, cut into the first rank's micro-batches."""
-    fixed, per_token = timing[:2]
+    fixed, per_token = timing.fixed, timing.per_token
     lengths, steps_per_epoch, costs = [len(ids) for ids, _ in encoded], math.ceil(len(encoded) / args.batch_size), []
     for s in range(total_steps):
         if s % steps_per_epoch == 0:

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from budget import eta, evaluation_seconds, fit_examples, matmul_rate, step_seconds, timing_model
+from budget import Timing, eta, evaluation_seconds, fit_examples, matmul_rate, step_seconds, timing_model
 from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, resume, save_adapter, write_checkpoint
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
 from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, duration, given, number,
@@ -259,7 +259,7 @@ def train(args, model, tok, encoded, tests, metrics, rank, world, device, timing
             if logging:
                 elapsed = time.time() - t0
                 log.append(step_record(step, task_loss, entropy, args.entropy_weight, recorder.summary(), lr,
-                                       tokens_seen, elapsed, timing[2] / timing[3]))
+                                       tokens_seen, elapsed, timing.flops_per_token / timing.matmul_flops_per_s))
                 say(step_line(log[-1], total_steps, eta=eta(costs, step0, step, elapsed)))
             # evaluate, every --eval-interval steps
             if rank == 0 and args.eval_interval and step % args.eval_interval == 0 and step < total_steps:
@@ -289,15 +289,15 @@ def prepare(args, argv):
 
 
 def training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start):
-    """(the examples to train on, timing: budget.timing_model's (fixed, per_token, flops_per_token) of
-    their micro-batches, then budget.matmul_rate's FLOP/s). With a time budget (--time-budget, or the
+    """(the examples to train on, their budget.Timing: timing_model's micro-batch model and FLOPs, and
+    matmul_rate's FLOP/s). With a time budget (--time-budget, or the
     CPU preset), as many of encoded as fit into what is left of it after the evaluation after
     (estimated from a sample), chosen by the seed as --train-examples chooses them; the budget line
     says what was chosen and why. Call it with the adapters at init."""
     def run(batch, n_targets, n_real):
         forward_backward(model, batch, n_targets, n_real, args.entropy_weight)
-    timing = (*timing_model(run, encoded, tok.pad_id, device, args),
-              matmul_rate(model.config, device, model.lm_head.weight.dtype))
+    timing = Timing(*timing_model(run, encoded, tok.pad_id, device, args),
+                    matmul_rate(model.config, device, model.lm_head.weight.dtype))
     model.zero_grad(set_to_none=True)
     why = ""
     if args.time_budget is not None and args.train_examples is None:  # None: not chosen yet (--resume: chosen)
@@ -363,7 +363,7 @@ def main(argv=None):
     say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
     encoded, timing = training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start)
-    metrics.update(n_train=len(encoded), flops_per_token=timing[2], matmul_flops_per_s=timing[3])
+    metrics.update(n_train=len(encoded), flops_per_token=timing.flops_per_token, matmul_flops_per_s=timing.matmul_flops_per_s)
     log = train(args, model, tok, encoded, tests, metrics, rank, world, device, timing, state)
 
     # evaluate after, test the difference against before, write the adapter and the metrics

@@ -374,7 +374,7 @@ def test_the_timing_model_extrapolates_two_timed_micro_batches_to_every_step(mon
     assert budget.timing_model(run, encoded, 0, torch.device("cpu"), args) == pytest.approx((0.5, 0.01, 0), rel=1e-9)
     assert seen == [(2, lengths[11])] * 3 + [(1, lengths[10])] * 2  # examples 10, 11 (then their FLOPs), 10
     for world in (1, 2):
-        costs = budget.step_seconds(encoded, args, world, 7, (0.5, 0.01))  # 7 steps: an epoch of 5, then 2 more
+        costs = budget.step_seconds(encoded, args, world, 7, budget.Timing(0.5, 0.01, 0, 1))  # 7 steps: an epoch of 5, then 2 more
         for s, cost in enumerate(costs):
             batch = data.length_grouped_batches(lengths, 4, s // 5)[s % 5]
             mine = [batch[i:i + 2] for i in (0, 2)][::world]               # the first process's parts
@@ -392,11 +392,11 @@ def test_a_time_budget_takes_as_many_examples_as_fit_and_refuses_one_too_short_f
     lengths = [10] * 40                                                  # 40 examples of 10 tokens: 10 batches of 4
     encoded = [([0] * n, [-100] * (n - 1) + [1]) for n in lengths]
     args = SimpleNamespace(batch_size=4, grad_accum=1, micro_batch_tokens=10**6, seed=0, epochs=2, time_budget=600)
-    n, per_example = budget.fit_examples(args, encoded, 1, (1.0, 0.05), 30.0)  # a step: 1 s + 0.05 s x 40 tokens
+    n, per_example = budget.fit_examples(args, encoded, 1, budget.Timing(1.0, 0.05, 0, 1), 30.0)  # a step: 1 s + 0.05 s x 40 tokens
     assert per_example == pytest.approx(3.0 / 4) and n == int(30.0 / (2 * 0.75)) == 20
-    assert budget.fit_examples(args, encoded, 1, (1.0, 0.05), 1000.0)[0] == 40  # never more than there are
+    assert budget.fit_examples(args, encoded, 1, budget.Timing(1.0, 0.05, 0, 1), 1000.0)[0] == 40  # never more than there are
     with pytest.raises(UserError, match="--time-budget 00:10:00 leaves 00:00:05 for training.*less than one step"):
-        budget.fit_examples(args, encoded, 1, (1.0, 0.05), 5.0)
+        budget.fit_examples(args, encoded, 1, budget.Timing(1.0, 0.05, 0, 1), 5.0)
 
 
 def test_a_long_batch_is_cut_into_micro_batches_of_at_most_the_token_budget():
@@ -406,12 +406,12 @@ def test_a_long_batch_is_cut_into_micro_batches_of_at_most_the_token_budget():
     lengths = [36] * 16 + list(range(196, 260, 4)) + [300]                # a short batch, a long one (to 256), one
     encoded = [([0] * n, [-100] * (n - 1) + [1]) for n in lengths]
     short, long, alone = list(range(16)), list(range(16, 32)), [32]
-    for idx, grad_accum, budget, want in [(short, 1, 1024, [16]), (short, 2, 1024, [8, 8]), (long, 1, 1024, [4] * 4),
+    for idx, grad_accum, max_tokens, want in [(short, 1, 1024, [16]), (short, 2, 1024, [8, 8]), (long, 1, 1024, [4] * 4),
                                           (long, 1, 512, [2] * 8), (long, 1, 255, [1] * 16), (long, 3, 10**6, [6, 6, 4]),
                                           (alone, 1, 64, [1])]:
-        parts = data.micro_batches(idx, encoded, grad_accum, budget, 0, 1)[0]
+        parts = data.micro_batches(idx, encoded, grad_accum, max_tokens, 0, 1)[0]
         assert [len(p) for p in parts] == want and sum(parts, []) == idx
-        assert all(len(p) * max(lengths[i] for i in p) <= budget for p in parts if len(p) > 1)
+        assert all(len(p) * max(lengths[i] for i in p) <= max_tokens for p in parts if len(p) > 1)
     for world in (2, 3):  # the parts of the long batch dealt out: the same count for every process
         dealt = [data.micro_batches(long, encoded, 1, 1024, rank, world)[0] for rank in range(world)]
         assert len({len(d) for d in dealt}) == 1 and sorted(sum(sum(dealt, []), [])) == long
