@@ -175,3 +175,33 @@ class SiLUMul(torch.autograd.Function):
         a, b, dy = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (a0, b0, dy))  # fp32 at least
         s = torch.sigmoid(a)
         return (dy * b * s * (1 + a * (1 - s))).to(a0.dtype), (dy * a * s).to(b0.dtype)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of the logits z = h W^T (N, V) against the targets y (N,), without ever
+    holding all N rows of logits: the training loss through a frozen, bias-free lm_head.
+
+    Plain autograd keeps the logits and their log-softmax for the backward, (N, V) each in fp32 (V = 49,152
+    for SmolLM2: 190 MB each for a micro-batch of 968 targets); this computes the loss and its gradient
+    together, `chunk` rows at a time, and keeps only dh (N, C). With p = softmax(z) per row:
+        L = sum_i (logsumexp(z_i) - z_i[y_i]),   dh = (p - onehot(y)) W,   W is frozen: no gradient.
+    The logits are made in h's dtype and taken to fp32 (at least) for the softmax, as F.cross_entropy(z.float())."""
+
+    @staticmethod
+    def forward(ctx, h, W, y, chunk=256):  # h: (N, C), W: (V, C), y: (N,)
+        loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        dh = torch.empty_like(h)                                         # (N, C)
+        for i in range(0, len(h), chunk):
+            z = (h[i:i + chunk] @ W.T).to(loss.dtype)                    # (n, V) logits
+            lse = torch.logsumexp(z, -1)                                 # (n,)
+            t = y[i:i + chunk, None]                                     # (n, 1) the targets
+            loss += (lse - z.gather(1, t)[:, 0]).sum()
+            p = z.sub_(lse[:, None]).exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=z.dtype))  # p - onehot
+            torch.mm(p.to(h.dtype), W, out=dh[i:i + chunk])              # (n, C)
+        ctx.save_for_backward(dh)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dh, = ctx.saved_tensors
+        return dh * dloss.to(dh.dtype), None, None, None

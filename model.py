@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cli import UserError
-from fused import RMSNormKeepingInput, SiLUMul
+from fused import LinearCrossEntropy, RMSNormKeepingInput, SiLUMul
 
 
 @dataclass
@@ -263,7 +263,7 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, mask=None, cache=None, logits_at=None, gates=None):
+    def forward(self, idx, mask=None, cache=None, logits_at=None, gates=None, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab_size) at every position.
 
         mask (B, past + T): 1 for real tokens, 0 for padding (Hugging Face's attention_mask). With LEFT
@@ -274,7 +274,10 @@ class GPT(nn.Module):
         biggest matmul and training needs logits only where a target is: a bool (B, T) mask -> (N, vocab_size)
         in row-major order, or an index along T (e.g. -1 -> (B, vocab_size)).
         gates: a dict to collect, for this forward, each gated adapter's gate value g (B, T) under its
-        module name (gatera.AdaptedLinear writes it; gatera.gate_entropy and gates.GateRecorder read it)."""
+        module name (gatera.AdaptedLinear writes it; gatera.gate_entropy and gates.GateRecorder read it).
+        targets: the next token at each of logits_at's positions (N,): returns the sum of their cross-entropies
+        instead of the logits; through a frozen lm_head by fused.LinearCrossEntropy, which never keeps the
+        (N, vocab_size) logits (the largest tensors of a training step)."""
         B, T = idx.shape
         past = cache[0].length if cache else 0
         if mask is None and past == 0:
@@ -312,7 +315,13 @@ class GPT(nn.Module):
         if logits_at is not None:
             is_mask = isinstance(logits_at, torch.Tensor) and logits_at.dtype == torch.bool
             x = x[logits_at] if is_mask else x[:, logits_at]  # (N, C) or (B, C)
-        return self.lm_head(self.transformer.ln_f(x), gates)  # (B, T, vocab_size), or the positions asked for
+        x = self.transformer.ln_f(x)
+        head = self.lm_head
+        if targets is None:
+            return head(x, gates)  # (B, T, vocab_size), or the positions asked for
+        if type(head) is Linear and head.bias is None and not head.weight.requires_grad:  # frozen: no dW needed
+            return LinearCrossEntropy.apply(x, head.weight, targets)
+        return F.cross_entropy(head(x, gates).float(), targets, reduction="sum")  # an adapted or trained head
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, mask=None, eos_id=None, on_step=None):

@@ -154,9 +154,8 @@ def forward_backward(step_model, batch, n_targets, n_real, entropy_weight, scale
     ids, labels, mask = batch                                            # (B, T) each
     is_target = labels[:, 1:] != -100                                    # (B, T-1) -100: no loss
     gates = {}                                                           # the forward fills it: layer -> g (B, T)
-    logits = step_model(ids, logits_at=F.pad(is_target, (0, 1), value=False), gates=gates)  # (N, V) at the targets
-    loss_targets = labels[:, 1:][is_target]                              # (N,) the next tokens there
-    task_sum = F.cross_entropy(logits.float(), loss_targets, reduction="sum")
+    task_sum = step_model(ids, logits_at=F.pad(is_target, (0, 1), value=False), gates=gates,  # the sum of the
+                          targets=labels[:, 1:][is_target])              # cross-entropies at the N targets
     entropy_sum = gate_entropy(gates, mask) * mask.sum()                 # mean over layers, summed over tokens
     (scale * (task_sum / n_targets + entropy_weight * entropy_sum / n_real)).backward()
     if recorder is not None:

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import train
 from checkpoints import checkpoint_files, load_adapter, load_pretrained, save_adapter
 from cli import UserError
-from fused import RMSNormKeepingInput, SiLUMul
+from fused import LinearCrossEntropy, RMSNormKeepingInput, SiLUMul
 from gatera import adapted_layers, gate_entropy
+from model import GPT, GPTConfig
 from tokenizer import load_tokenizer
 from tests.conftest import (adapted_tiny, finish, FIXTURES, left_padded, logits, max_diff, METHODS,
                             write_model_gguf)
@@ -177,6 +179,34 @@ def test_the_norm_and_swiglu_keep_less_for_the_backward_and_equal_plain_autograd
     assert (torch.float32, (6, 32)) in saved(plain_norm, x, w) and (torch.float32, (6, 32)) not in saved(fused_norm, x, w)
     a, b = (torch.randn(6, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     assert len(saved(plain_swiglu, a, b)) == 3 and len(saved(SiLUMul.apply, a, b)) == 2
+
+
+def test_the_loss_through_the_frozen_head_equals_cross_entropy_of_the_logits_and_keeps_no_logits():
+    """fused.LinearCrossEntropy (GPT.forward(..., targets=)) against F.cross_entropy of the whole logits:
+    the same loss and the same gradient of h (fp64 to rounding, with chunks that do not divide N; bf16
+    within its rounding), and for the backward it keeps one (N, C) tensor, never an (N, V) one."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.bfloat16, 2**-7)):
+        h, W = torch.randn(70, 16, dtype=dtype, requires_grad=True), torch.randn(50, 16, dtype=dtype)
+        y = torch.randint(0, 50, (70,))
+        got = LinearCrossEntropy.apply(h, W, y, 32)
+        want = F.cross_entropy((h @ W.T).to(torch.promote_types(dtype, torch.float32)), y, reduction="sum")
+        grads = [torch.autograd.grad(loss * 0.7, h)[0] for loss in (got, want)]
+        for a, b in ((got, want), grads):
+            assert ((a.double() - b.double()).norm() / b.double().norm()).item() <= tol
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
+        LinearCrossEntropy.apply(h, W, y, 32)
+    assert kept == [(70, 16)]
+    model = GPT(GPTConfig(arch="llama", vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, mlp_hidden=32,
+                          block_size=16)).double().requires_grad_(False)
+    idx, at = torch.randint(0, 50, (2, 8)), torch.rand(2, 8) < 0.5
+    h = model.transformer.ln_f.weight.requires_grad_()  # a gradient to compare: the final norm's (not the head's)
+    fused_sum = model(idx, logits_at=at, targets=idx[at])
+    plain_sum = F.cross_entropy(model(idx, logits_at=at), idx[at], reduction="sum")
+    grads = [torch.autograd.grad(loss, h)[0] for loss in (fused_sum, plain_sum)]
+    torch.testing.assert_close(fused_sum, plain_sum)
+    torch.testing.assert_close(*grads)
 
 
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import data
 import budget
+import data
+import fused
 import train
 from checkpoints import load_adapter, load_pretrained
 from cli import UserError
@@ -245,13 +246,13 @@ def test_generate_eval_runs_greedy_batched_generation(workdir, monkeypatch, tmp_
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir, monkeypatch, tmp_path):
-    real_ce = torch.nn.functional.cross_entropy
+    real_loss = fused.LinearCrossEntropy.apply
     calls = {"n": 0}
 
     def poisoned(*a, **k):  # 5 calls time the training and count its FLOPs, then 2 a step: the 10th (step 3) is NaN
         calls["n"] += 1
-        return real_ce(*a, **k) * (float("nan") if calls["n"] == 10 else 1.0)
-    monkeypatch.setattr(train.F, "cross_entropy", poisoned)
+        return real_loss(*a, **k) * (float("nan") if calls["n"] == 10 else 1.0)
+    monkeypatch.setattr(fused.LinearCrossEntropy, "apply", poisoned)
     with pytest.raises(UserError, match="not finite"):
         run_train(workdir, monkeypatch, tmp_path / "nan", "--max-steps", "6", "--ckpt-interval", "2")
     ckpt = torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)
