@@ -67,8 +67,8 @@ training.add_argument("--epochs", type=POSITIVE_INT, default=None, help="passes 
 training.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many optimizer steps (0: epochs)")
 training.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examples per step, over all processes")
 training.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step (the same gradient)")
-training.add_argument("--micro-batch-tokens", type=POSITIVE_INT, default=1024,
-                      help="at most this many padded tokens per micro-batch (bounds memory; see micro_batches)")
+training.add_argument("--micro-batch-tokens", type=POSITIVE_INT, default=None, help="at most this many padded "
+                      "tokens per micro-batch (bounds memory; see micro_batches; default: 1024 bf16, 512 fp32)")
 training.add_argument("--warmup", type=COUNT, default=100, help="linear warmup steps, then linear decay to 0")
 training.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clip)")
 training.add_argument("--cutoff", type=number(int, low=2), default=256, help="max tokens per training example")
@@ -124,6 +124,7 @@ def setup(args):
     for k in preset:
         setattr(args, k, budget[k])
     args.lr = args.lr or LR[args.method]
+    args.micro_batch_tokens = args.micro_batch_tokens or 2048 // dtype.itemsize  # about the same activation bytes
     torch.manual_seed(args.seed)  # the adapter's init, dropout's masks, the ETA's timed steps
     return rank, world, device, dtype, why, preset
 
