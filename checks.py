@@ -108,7 +108,7 @@ def check_training_set(args, encoded, total_steps=None):
     if not any(y != -100 for _, labels in encoded for y in labels[1:]):  # the first token is never a target
         raise UserError(f"--cutoff {args.cutoff}: no training example keeps a token of its answer within the "
                         "cutoff, so there is nothing to learn: raise --cutoff")
-    if total_steps is not None and args.warmup >= total_steps:
+    if total_steps is not None and args.warmup is not None and args.warmup >= total_steps:  # a given --warmup
         top = args.lr * total_steps / args.warmup  # the last step's learning rate, still in the warmup
         reached = f"reaches the peak --lr {args.lr:g} only at the last step" if top >= args.lr else \
             f"never reaches the peak --lr {args.lr:g} (at most {top:.3g})"

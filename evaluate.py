@@ -43,6 +43,10 @@ from files import atomic_write, write_json
 from gates import GateRecorder, gate_page, gate_report, write_page
 from model import KVCache
 
+# the most padded tokens one cloze forward scores: its (N, vocab) fp32 logits, 200 MB at most for SmolLM2,
+# however long the rows (the longest run first, 16 of them would hold 16 times the longest's)
+EVAL_TOKENS = 1024
+
 # -----------------------------------------------------------------------------
 # progress
 
@@ -84,8 +88,11 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
     golds = [rows[first_row[n] + gold_index(task, ex)] for n, (_, ex) in enumerate(items)]  # the correct rows
     scores = [0.0] * len(rows)
     t0, tokens = time.time(), [len(rows[i][1]) + len(rows[i][2]) for i in order]  # a row's cost: its tokens
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        batch = [rows[i] for i in order[start:start + batch_size]]
+    starts = [0]  # batches of batch_size rows, fewer where they would pass EVAL_TOKENS padded tokens
+    while starts[-1] < len(order):
+        starts.append(starts[-1] + min(batch_size, max(1, EVAL_TOKENS // tokens[starts[-1]])))
+    for b, (start, stop) in enumerate(zip(starts, starts[1:])):
+        batch = [rows[i] for i in order[start:stop]]
         ids = pad([ctx + cont for _, ctx, cont in batch], tok.pad_id).to(device)      # (B, T) right padding
         pos = torch.arange(ids.shape[1], device=device)                                 # (T,)
         first = torch.tensor([len(ctx) for _, ctx, _ in batch], device=device)[:, None]  # (B, 1)
@@ -97,16 +104,15 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
         logp = F.log_softmax(logits, -1).gather(-1, ids[is_cont][:, None])[:, 0]        # (N,) row-major, as the mask
         row = torch.arange(len(batch), device=device)[:, None].expand_as(is_cont)[is_cont]  # (N,) row of each
         sums = torch.zeros(len(batch), device=device).index_add_(0, row, logp)          # (B,)
-        for i, s in zip(order[start:start + batch_size], sums.tolist()):
+        for i, s in zip(order[start:stop], sums.tolist()):
             scores[i] = s
         if recorder:
             kinds = torch.where(pos < first, 0, torch.where(is_cont, 1, -1))            # (B, T) prefill, scored
-            gold = {b: rows[i][0] for b, i in enumerate(order[start:start + batch_size])
+            gold = {b: rows[i][0] for b, i in enumerate(order[start:stop])
                     if rows[i] is golds[rows[i][0]]}
             recorder.add(gates, kinds, ids, gold)
-        if b % 20 == 19 or start + batch_size >= len(order):
-            done = min(start + batch_size, len(order))  # the longest rows run first: the ETA counts tokens
-            progress(f"eval {task}", done, len(order), t0, sum(tokens[:done]) / sum(tokens))
+        if b % 20 == 19 or stop == len(order):  # the longest rows run first: the ETA counts tokens
+            progress(f"eval {task}", stop, len(order), t0, sum(tokens[:stop]) / sum(tokens))
     predictions, k = [], 0
     for (index, ex), choices in zip(items, requests):
         ll, k = scores[k:k + len(choices)], k + len(choices)

@@ -69,7 +69,7 @@ training.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="examp
 training.add_argument("--grad-accum", type=POSITIVE_INT, default=1, help="micro-batches per step (the same gradient)")
 training.add_argument("--micro-batch-tokens", type=POSITIVE_INT, default=None, help="at most this many padded "
                       "tokens per micro-batch (bounds memory; see micro_batches; default: 1024 bf16, 512 fp32)")
-training.add_argument("--warmup", type=COUNT, default=100, help="linear warmup steps, then linear decay to 0")
+training.add_argument("--warmup", type=COUNT, default=None, help="linear warmup steps (default: a tenth of the run, <= 100)")
 training.add_argument("--grad-clip", type=NONNEGATIVE, default=1.0, help="clip the gradient norm to this (0: no clip)")
 training.add_argument("--cutoff", type=number(int, low=2), default=256, help="max tokens per training example")
 training.add_argument("--train-on-inputs", action="store_true", help="loss on the prompt too (LLM-Adapters, DoRA)")
@@ -136,10 +136,11 @@ def training_steps(args, n_examples):
 
 
 def lr_at(step, args, total_steps):
-    """Linear warmup over args.warmup steps to args.lr, then linear decay to 0 at total_steps."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - args.warmup))
+    """Linear warmup to args.lr over --warmup steps (default: a tenth of the run, at most 100), then decay to 0."""
+    warmup = args.warmup if args.warmup is not None else min(100, max(1, total_steps // 10))
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    return args.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 # -----------------------------------------------------------------------------
@@ -336,8 +337,7 @@ def main(argv=None):
     cfg = load_adapter(model, args.adapter) if args.eval_only and cfg is not None else cfg
     target_layers(model, () if args.eval_only else cfg.target_modules)  # a --target-modules name it lacks fails now
     what = "no adapter" if cfg is None else f"{cfg.method} r={cfg.rank} gate={cfg.gate}"
-    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | "
-        f"{args.format} format")
+    say(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters | {what} | {args.format} format")
     tests = load_tests(args)
     if rank == 0 and doomed:  # --overwrite: the old run's files go just before the first write
         say(delete_run(args.out, doomed))

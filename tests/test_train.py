@@ -359,6 +359,13 @@ def test_the_learning_rate_warms_up_linearly_then_decays_linearly_to_zero():
     assert train.lr_at(3, args, total) == train.lr_at(4, args, total) == 1e-2 and train.lr_at(total, args, total) == 0
 
 
+def test_the_default_warmup_is_a_tenth_of_the_run_at_most_100_steps_so_a_short_run_decays_too():
+    args = SimpleNamespace(lr=1e-2, warmup=None)  # no --warmup
+    for total, w in ((72, 7), (435, 43), (1000, 100), (5000, 100), (5, 1)):
+        want = [1e-2 * (s + 1) / w for s in range(w)] + [1e-2 * (total - s) / (total - w) for s in range(w, total + 1)]
+        assert [train.lr_at(s, args, total) for s in range(total + 1)] == pytest.approx(want, rel=1e-12, abs=0)
+
+
 def test_the_timing_model_extrapolates_two_timed_micro_batches_to_every_step(monkeypatch):
     """budget.timing_model times a forward and backward of a micro-batch of median-length examples and of
     its first half. With a clock where one takes exactly 0.5 s + 0.01 s per padded token, the model is
