@@ -8,7 +8,9 @@ frozen base stored in bf16 against fp32 (adapters fp32 both times) for SmolLM2-1
 cloze training step, LoRA and GateRA (smollm2-lora, smollm2-gatera; see run_dtypes), each beside this
 machine's matmul rate at the model's shapes in that dtype (budget.matmul_rate). The plain-*
 rows run AdaptedLinear.forward_plain (the equations, plain autograd), each timed by turns with the
-fused default of the same adapter: what the fast paths save, in time and in peak memory.
+fused default of the same adapter: what the fast paths save, in time and in peak memory. The memory
+row runs the main command itself, short (train.py --task piqa for 20 steps), and says what its peak
+resident memory is made of (run_memory).
 
     python bench.py                        # CPU fp32, batch 8 x 256 (about 50 min on 2 cores)
     python bench.py --quick                # a sanity run of every row on a 2-layer model
@@ -16,6 +18,7 @@ fused default of the same adapter: what the fast paths save, in time and in peak
     python bench.py --profile hira/token   # torch.profiler's table of one warm step of one row
     python bench.py --rows smollm2-lora,smollm2-gatera   # bf16 base / fp32 base only (about 3 min)
     python bench.py --rows base,plain-lora/token,plain-dora/token,plain-hira/token   # fused / plain
+    python bench.py --rows memory          # the main command's peak RSS, and what holds it (2-4 min)
 
 Each row runs in a fresh Python process, so that one cannot leave memory or warm caches to another.
 Adapters: rank 32 (the paper's) on q, k, v, up and down of every layer (the paper's target modules),
@@ -68,7 +71,8 @@ DTYPES = ["smollm2-lora", "smollm2-gatera"]  # SmolLM2-135M's shape, a frozen ba
 SMOLLM2 = GPTConfig(arch="llama", vocab_size=49152, block_size=2048, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                     mlp_hidden=1536, attn_bias=False, mlp_bias=False, rope_theta=100000.0)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 peak, for MFU
-EVERY = OURS + PLAIN + PEFT + DTYPES + ["generate"]  # every row, in the order they run
+EVERY = OURS + PLAIN + PEFT + DTYPES + ["generate", "memory"]  # every row, in the order they run
+MEMORY_GOAL_MB = 2560  # the main command's peak resident memory on a CPU: what a laptop has to spare
 
 parser = Parser(description=__doc__.split("\n\n")[0].strip(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -299,7 +303,7 @@ def run_dtypes(row, args):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step(model=model, optimizer=optimizer):
-            F.cross_entropy(model(idx, logits_at=at).float(), loss_targets).backward()
+            model(idx, logits_at=at, targets=loss_targets).backward()  # the summed loss, as train.py
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[dtype] = step
@@ -348,6 +352,66 @@ def run_generation(args):
                 gatera_kept_mb=kept / 2**20, frozen_mb=frozen / 2**20)
 
 
+def saved_by_module(model, fn):
+    """{module class: bytes} of the tensors that fn's forward keeps for the backward, besides the
+    model's own weights, each counted once and charged to the innermost module running when it was saved."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    running, seen, kept = ["GPT"], set(), {}
+    hooks = [h for m in model.modules() for h in (
+        m.register_forward_pre_hook(lambda m, a: running.append(type(m).__name__)),
+        m.register_forward_hook(lambda m, a, o: running.pop() and None))]  # None: the output stays
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            kept[running[-1]] = kept.get(running[-1], 0) + t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    for h in hooks:
+        h.remove()
+    return kept
+
+
+def run_memory(args):
+    """The main command, short (train.py --task piqa: SmolLM2-135M, the shipped PIQA, the default adapter,
+    4 x --steps steps and 16 questions), in this fresh process: its peak resident memory (RSS), and what
+    the peak is made of: this process before the model (Python, torch), the frozen weights, the adapters
+    with their gradients and AdamW's two moments, the activations that the largest micro-batch keeps for the
+    backward (PIQA's longest examples, --micro-batch-tokens of them), by module; the rest is what the
+    allocator keeps of freed blocks and the step's transient tensors."""
+    import resource
+    import tempfile
+    import train
+    from checkpoints import load_pretrained
+    from data import collate, load_training, micro_batches
+    from tokenizer import load_tokenizer
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists(
+        "/proc/self/statm") else 0
+    before = rss()
+    steps = 3 if args.quick else 4 * args.steps
+    with tempfile.TemporaryDirectory() as out:
+        train.main(["--task", "piqa", "--max-steps", str(steps), "--skip-eval-before",
+                    "--eval-examples", "16", "--device", str(args.device), "--out", out])
+        metrics = json.load(open(os.path.join(out, "metrics.json")))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    a = train.parser.parse_args(["--task", "piqa", "--train-examples", "0"])
+    model = load_pretrained("smollm2", getattr(torch, metrics["dtype"])).requires_grad_(False)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters())
+    apply_gatera(model, GateRAConfig())
+    trained = 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)  # + grad, 2 moments
+    tok = load_tokenizer("smollm2")
+    _, encoded = load_training(a, tok)
+    longest = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))[:a.batch_size]
+    micro, n_targets, n_real, _ = micro_batches(longest, encoded, 1, metrics["args"]["micro_batch_tokens"], 0, 1)
+    batch = collate([encoded[i] for i in micro[0]], tok.pad_id)
+    kept = saved_by_module(model, lambda: train.forward_backward(model, batch, n_targets, n_real, 0.01))
+    return dict(row="memory", peak_mb=peak / 2**20, run_peak_mb=metrics.get("peak_memory_mb"), steps=steps,
+                dtype=metrics["dtype"], before_mb=before / 2**20, frozen_mb=frozen / 2**20, trained_mb=trained / 2**20,
+                micro_tokens=batch[0].numel(), saved_mb={k: v / 2**20 for k, v in kept.items()})
+
+
 # -----------------------------------------------------------------------------
 # the parent: one child process per row, then the table
 
@@ -360,6 +424,7 @@ def run_child(row, capture=True):
     # the kernel and page-faults it in again at the next step: about 20 % of a step on this CPU, and
     # noisy. Every row runs with the allocator keeping its memory instead (only on glibc; settable).
     env = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40), **os.environ}
+    env = os.environ if row == "memory" else env  # the memory row measures the main command as it runs
     proc = subprocess.run(cmd, capture_output=capture, text=True, cwd=here, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench.py: row {row} failed (run `{' '.join(cmd)}` to see it alone)"
@@ -497,11 +562,27 @@ def check_other_goals(dtype_rows, generation, args, goals):
         check(goals, "KV-cache generation speedup over recomputing", generation["speedup"], 5.0, at_least=True)
 
 
+def check_memory_goal(r, goals):
+    """The memory row: the main command's peak RSS and what it is made of."""
+    saved = sum(r["saved_mb"].values())
+    parts = [("before the model: Python, torch", r["before_mb"]), (f"the frozen weights ({r['dtype']})", r["frozen_mb"]),
+             ("the adapters, their gradients, AdamW's moments", r["trained_mb"]),
+             (f"the activations the largest micro-batch ({r['micro_tokens']} tokens) keeps for the backward", saved)]
+    rest = r["peak_mb"] - sum(mb for _, mb in parts)
+    print(f"\nmemory: python train.py --task piqa, {r['steps']} steps and 16 questions: peak RSS {r['peak_mb'] / 1024:.2f} GB")
+    for what, mb in parts + [("the rest: the allocator's kept free blocks, a step's transient tensors", rest)]:
+        print(f"  {mb / 1024:5.2f} GB  {what}")
+    print("  activations by module: " + ", ".join(f"{k} {v / 1024:.2f} GB" for k, v in
+                                                 sorted(r["saved_mb"].items(), key=lambda kv: -kv[1])))
+    check(goals, "memory: the main command's peak RSS, MB", r["peak_mb"], MEMORY_GOAL_MB)
+
+
 def main():
     args = parse_args()
     if args.child:  # one row, in this fresh process: its JSON on stdout (or, with --profile, the table)
-        run_one = run_generation if args.child == "generate" else run_dtypes if args.child in DTYPES else run_row
-        result = run_one(args) if args.child == "generate" else run_one(args.child, args)
+        run_one = {"generate": run_generation, "memory": run_memory}.get(args.child)
+        result = run_one(args) if run_one else run_dtypes(args.child, args) if args.child in DTYPES else run_row(
+            args.child, args)
         if not args.profile:
             print(json.dumps(result))
         return
@@ -513,7 +594,7 @@ def main():
     for row in rows:  # each in its own process
         print(f"  running {row} ...", file=sys.stderr, flush=True)
         results[row] = run_child(row)
-    generation = results.pop("generate", None)
+    generation, memory = results.pop("generate", None), results.pop("memory", None)
     dtype_rows = {row: results.pop(row) for row in DTYPES if row in results}
     add_ratios(results, args)
     print_table(results, args)
@@ -521,11 +602,13 @@ def main():
     print("\ngoals:")
     check_step_goals(results, goals)
     check_other_goals(dtype_rows, generation, args, goals)
+    if memory:
+        check_memory_goal(memory, goals)
 
     settings = {k: v if isinstance(v, (int, float, str, type(None))) else str(v)
                 for k, v in vars(args).items() if k not in ("child", "profile", "gpt")}
     write_json(args.out, dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(),
-                              rows=results, dtypes=dtype_rows, generation=generation, goals=goals))
+                              rows=results, dtypes=dtype_rows, generation=generation, memory=memory, goals=goals))
     missed = [g["goal"] for g in goals if not g["met"]]
     print(f"\nwrote {args.out}; {len(missed)} of {len(goals)} goals missed" +
           (": " + "; ".join(missed) if missed else ""))

@@ -90,7 +90,7 @@ def score_cloze(model, tok, task, items, batch_size, device, loss_sums, recorder
     t0, tokens = time.time(), [len(rows[i][1]) + len(rows[i][2]) for i in order]  # a row's cost: its tokens
     starts = [0]  # batches of batch_size rows, fewer where they would pass EVAL_TOKENS padded tokens
     while starts[-1] < len(order):
-        starts.append(starts[-1] + min(batch_size, max(1, EVAL_TOKENS // tokens[starts[-1]])))
+        starts.append(min(len(order), starts[-1] + min(batch_size, max(1, EVAL_TOKENS // tokens[starts[-1]]))))
     for b, (start, stop) in enumerate(zip(starts, starts[1:])):
         batch = [rows[i] for i in order[start:stop]]
         ids = pad([ctx + cont for _, ctx, cont in batch], tok.pad_id).to(device)      # (B, T) right padding

@@ -84,3 +84,24 @@ def test_the_evaluation_eta_counts_the_work_done_not_the_rows(monkeypatch, capsy
     assert capsys.readouterr().err.splitlines() == [
         "eval piqa: 10/100 | 1.0/s | 00:00:10 elapsed, ETA 00:00:10",
         "eval piqa: 10/100 | 1.0/s | 00:00:10 elapsed, ETA 00:01:30"]
+
+
+def test_cloze_scoring_caps_each_forward_at_eval_tokens_and_scores_the_same(workdir, monkeypatch, capsys):
+    """score_cloze runs at most EVAL_TOKENS padded tokens a forward (one row alone where it is longer),
+    so the fp32 logits of a batch of long rows stay small: the same log-likelihoods as uncapped batches,
+    and the last progress line counts every row."""
+    model_dir, _, _ = workdir
+    tok, model = load_tokenizer(model_dir), load_pretrained(model_dir).eval()
+    items = list(enumerate(piqa_example(*r) for r in PIQA))
+    shapes, forward = [], model.forward
+    monkeypatch.setattr(model, "forward", lambda ids, **k: shapes.append(tuple(ids.shape)) or forward(ids, **k))
+    runs = {}
+    for cap in (10**6, 100):
+        monkeypatch.setattr(evaluate, "EVAL_TOKENS", cap)
+        shapes.clear()
+        runs[cap] = evaluate.score_cloze(model, tok, "piqa", items, 4, "cpu", {"answer": [0.0, 0]})
+        assert all(B * T <= cap or B == 1 for B, T in shapes) and sum(B for B, _ in shapes) == 2 * len(items)
+        assert capsys.readouterr().err.splitlines()[-1].startswith(f"eval piqa: {2 * len(items)}/{2 * len(items)} |")
+    assert max(B for B, _ in shapes) < 4  # the cap cut the batches of 4 rows
+    for a, b in zip(runs[10**6], runs[100]):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-5)
