@@ -333,7 +333,9 @@ def test_grad_clip_0_clips_nothing(workdir, monkeypatch, tmp_path):
 
 def test_ctrl_c_during_training_ends_in_one_line_with_exit_130_and_a_whole_checkpoint(workdir, tmp_path):
     script = tmp_path / "launch.py"  # train.py as a command, with the hand-written data files' hashes
-    script.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\nimport cli, data, train\n"
+    # Ctrl-C as in a terminal: a test run started in the background (`nohup ... &`) inherits SIGINT ignored
+    script.write_text(f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                      f"sys.path.insert(0, {str(ROOT)!r})\nimport cli, data, train\n"
                       f"data.BLOBS.update({workdir[2]!r})\ncli.run(lambda: train.main(sys.argv[1:]))\n")
     out, stdout = tmp_path / "run", tmp_path / "stdout.txt"
     with open(stdout, "w") as f:
