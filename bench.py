@@ -387,15 +387,14 @@ def run_memory(args):
     from checkpoints import load_pretrained
     from data import collate, load_training, micro_batches
     from tokenizer import load_tokenizer
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists(
-        "/proc/self/statm") else 0
-    before = rss()
+    peak_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux counts KiB)
+    before = peak_rss()  # nothing large has run yet: the peak so far is what the process holds now
     steps = 3 if args.quick else 4 * args.steps
     with tempfile.TemporaryDirectory() as out:
         train.main(["--task", "piqa", "--max-steps", str(steps), "--skip-eval-before",
                     "--eval-examples", "16", "--device", str(args.device), "--out", out])
         metrics = json.load(open(os.path.join(out, "metrics.json")))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     a = train.parser.parse_args(["--task", "piqa", "--train-examples", "0"])
     model = load_pretrained("smollm2", getattr(torch, metrics["dtype"])).requires_grad_(False)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -407,7 +406,7 @@ def run_memory(args):
     micro, n_targets, n_real, _ = micro_batches(longest, encoded, 1, metrics["args"]["micro_batch_tokens"], 0, 1)
     batch = collate([encoded[i] for i in micro[0]], tok.pad_id)
     kept = saved_by_module(model, lambda: train.forward_backward(model, batch, n_targets, n_real, 0.01))
-    return dict(row="memory", peak_mb=peak / 2**20, run_peak_mb=metrics.get("peak_memory_mb"), steps=steps,
+    return dict(row="memory", peak_mb=peak / 2**20, steps=steps,
                 dtype=metrics["dtype"], before_mb=before / 2**20, frozen_mb=frozen / 2**20, trained_mb=trained / 2**20,
                 micro_tokens=batch[0].numel(), saved_mb={k: v / 2**20 for k, v in kept.items()})
 
