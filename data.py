@@ -15,6 +15,7 @@ one is taken as your own data in the same format: a warning, then every example 
 Start reading at load_task (fetch, then parse_examples), then the prompts (eval_prompt,
 train_prompt) and the cloze pairs (cloze_choices, encode_pair). The tokenizer is tokenizer.py's.
 """
+import argparse
 import hashlib
 import http.client
 import json
@@ -50,6 +51,7 @@ LABELS = {  # task -> the labels its answers use (LLM-Adapters' commonsense_eval
     "openbookqa": ANSWERS,
 }
 MIXES = ("commonsense_170k", "commonsense_15k")  # training mixes of all eight tasks (train split only)
+EVAL_SEED = 1337  # draws --eval-examples' test items, whatever --seed is (train.py's default --seed: the same items)
 ALL_LABELS = tuple(dict.fromkeys(label for labels in LABELS.values() for label in labels))
 BLOBS = {  # upstream path -> git blob sha1 of the file at COMMIT (what `git hash-object FILE` prints)
     "dataset/boolq/train.json": "87a7beee26b49f81c450641ef2ff84f55611321f",
@@ -90,6 +92,27 @@ def task_labels(task):
     """The labels a task's answers use; a mix uses the union of all eight tasks' labels."""
     task_path(task, "train")  # raises on an unknown task
     return ALL_LABELS if task in MIXES else LABELS[task]
+
+
+def task_list(text):
+    """--task: one task, a comma-separated list of them, or a mix; returned as given (no spaces), once
+    every name is known, none comes twice and a mix stands alone. Raises argparse.ArgumentTypeError."""
+    names = [t.strip() for t in text.split(",")]
+    unknown = [t for t in names if t not in LABELS and t not in MIXES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown task {unknown[0]!r}: give one or more of {', '.join(LABELS)} "
+                                         f"(comma-separated), or one of {' / '.join(MIXES)}")
+    if len(set(names)) < len(names) or (len(names) > 1 and set(names) & set(MIXES)):
+        raise argparse.ArgumentTypeError(f"{text!r}: each task once, and a mix ({' / '.join(MIXES)}) alone: it "
+                                         "already holds all eight tasks")
+    return ",".join(names)
+
+
+def train_and_test_tasks(task):
+    """(the tasks whose train files --task trains on, the tasks it is evaluated on): a task, itself
+    twice; a list, its tasks twice (trained on their union); a mix, itself and the eight tasks."""
+    names = task.split(",")
+    return names, list(LABELS) if task in MIXES else names
 
 
 # -----------------------------------------------------------------------------
@@ -503,22 +526,34 @@ def token_counts(idx, encoded):
 
 def load_tests(args):
     """{task: [(index in the task's test file, example)]} of every task train.py evaluates (args: its
-    flags; the one --task, or all eight after a mix): a seeded subset of --eval-examples, or all."""
+    flags; each task of --task, or all eight after a mix): --eval-examples of each, or all. The subset
+    is drawn with EVAL_SEED, not --seed: runs of any seed are scored on the same items, item by item."""
     tests = {}
-    for t in [args.task] if args.task in LABELS else LABELS:
+    for t in train_and_test_tasks(args.task)[1]:
         examples = load_task(t, "test", args.data_dir)
-        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, args.seed)]
+        tests[t] = [(i, examples[i]) for i in subset(len(examples), args.eval_examples, EVAL_SEED)]
     return tests
 
 
 def load_training(args, tok):
-    """(the size of --task's training set, its seeded --train-examples subset encoded: [(ids, labels)]);
-    args: train.py's flags."""
-    examples = load_task(args.task, "train", args.data_dir)
-    chosen = [examples[i] for i in subset(len(examples), args.train_examples, args.seed)]
-    return len(examples), encode_examples(tok, args.task, chosen, fmt=args.format, name=f"{args.task} train",
-                                          cutoff=args.cutoff, train_on_inputs=args.train_on_inputs,
-                                          variant=args.train_prompt)
+    """({task: the size of its train file}, the seeded --train-examples subset of their union, encoded:
+    [(ids, labels)]); args: train.py's flags. The union is the train files one after another, so a
+    subset draws from each task in proportion to its size, as the papers' commonsense_170k mix does."""
+    sizes, union = {}, []
+    for t in train_and_test_tasks(args.task)[0]:
+        examples = load_task(t, "train", args.data_dir)
+        sizes[t], union = len(examples), union + [(t, ex) for ex in examples]
+    chosen = [union[i] for i in subset(len(union), args.train_examples, args.seed)]
+    return sizes, [pair for t in sizes for pair in encode_examples(
+        tok, t, [ex for task, ex in chosen if task == t], fmt=args.format, name=f"{t} train", cutoff=args.cutoff,
+        train_on_inputs=args.train_on_inputs, variant=args.train_prompt)]
+
+
+def union_note(sizes):
+    """What the budget line says of a union of train files (sizes: {task: examples}): how it is drawn from."""
+    if len(sizes) == 1:
+        return ""
+    return f" (the union of {', '.join(f'{t} {n}' for t, n in sizes.items())}: each task in proportion to its size)"
 
 
 def collate_prompts(tok, instructions, bos=None):

@@ -279,6 +279,27 @@ def mcnemar(first, second, key="pred"):
     return b, c, p
 
 
+def macro_test(before, after, key="pred", draws=20000, seed=0):
+    """A paired randomization test of the macro average (each task's accuracy averaged over the tasks,
+    the papers' "Avg.") of two runs on the same items: before, after {task: predictions}. Under
+    "equally accurate" the two answers to an item are exchangeable, so an item that one run alone gets
+    right (b_t only before, c_t only after in task t of n_t items, m_t = b_t + c_t) adds +1 or -1 with
+    probability 1/2: the observed D = mean_t (c_t - b_t) / n_t is set against draws of
+    D* = mean_t (2 Binomial(m_t, 1/2) - m_t) / n_t, and p = (1 + #{|D*| >= |D|}) / (1 + draws).
+    Each task weighs the same, however many items it has; with one task this is McNemar's exact test
+    (mcnemar), by sampling. Returns (average before, average after, p)."""
+    tasks = list(before)
+    bc = torch.tensor([mcnemar(before[t], after[t], key)[:2] for t in tasks], dtype=torch.float64)  # (T, 2)
+    n = torch.tensor([len(before[t]) for t in tasks], dtype=torch.float64)                         # (T,)
+    observed = ((bc[:, 1] - bc[:, 0]) / n).mean()
+    m = bc.sum(1).expand(draws, -1)                                                                 # (draws, T)
+    drawn = ((2 * torch.binomial(m, torch.full_like(m, 0.5), generator=torch.Generator().manual_seed(seed)) - m)
+             / n).mean(1)
+    p = (1 + (drawn.abs() >= observed.abs() - 1e-12).sum().item()) / (1 + draws)
+    mean = lambda runs: sum(accuracy(runs[t], key) for t in tasks) / len(tasks)
+    return mean(before), mean(after), p
+
+
 def comparison(runs):
     """Lines of a table: each run's acc (and acc_norm) with its 95 % interval, and McNemar's test of
     each against the first run. runs: [(name, predictions)] on the same items."""
@@ -307,7 +328,8 @@ def comparison(runs):
 
 def summarize(when, results, tests):
     """A run's evaluation over all its tasks (results {task: evaluate's summary}, tests {task:
-    items}): metrics.json's accuracy "<acc name>_<when>" with its 95 % interval, the answer and label
+    items}): metrics.json's accuracy "<acc name>_<when>" over all items with its 95 % interval (and,
+    with several tasks, "<acc name>_avg_<when>", the average of the tasks' accuracies), the answer and label
     losses averaged over the tasks, and each task's summary; with one line of them for the log."""
     n, metrics, text = sum(map(len, tests.values())), {}, f"{when}:"
     for key, name in (("acc", "accuracy"), ("acc_norm", "accuracy_norm")):
@@ -315,6 +337,9 @@ def summarize(when, results, tests):
             acc = sum(r[key] * len(tests[t]) for t, r in results.items()) / n
             metrics[f"{name}_{when}"], metrics[f"{name}_{when}_95"] = acc, interval95(acc, n)
             text += f" {key} {acc:.4f}"
+            if len(results) > 1:  # the papers' "Avg.": each task weighs the same
+                metrics[f"{name}_avg_{when}"] = sum(r[key] for r in results.values()) / len(results)
+                text += f" (average of the tasks {metrics[f'{name}_avg_{when}']:.4f})"
     for k in ("answer", "label"):
         loss = [r[f"{k}_loss"] for r in results.values() if r[f"{k}_loss"] is not None]
         metrics[f"{k}_loss_{when}"] = sum(loss) / len(loss) if loss else None
@@ -331,6 +356,19 @@ def before_after(task, before, after):
     keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for p in before + after) else [])
     return lines, {("acc" if k == "pred" else "acc_norm"): dict(
         zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
+
+
+def macro_before_after(before, after):
+    """The line of the macro average over tasks before vs after training (before, after {task:
+    predictions} on the same items) and metrics.json's test of it (macro_test):
+    {"acc" (and "acc_norm"): {before, after, p}}."""
+    keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for t in before for p in before[t] + after[t]) else [])
+    tested = {("acc" if k == "pred" else "acc_norm"): dict(zip(("before", "after", "p"), macro_test(before, after, k)))
+              for k in keys}
+    cells = [f"{name} {r['before']:.4f} -> {r['after']:.4f} ({100 * (r['after'] - r['before']):+.2f}, p={r['p']:.2g})"
+             for name, r in tested.items()]
+    return [f"\nthe average of the {len(before)} tasks (each weighs the same): {', '.join(cells)}",
+            "p: a paired randomization test of the average (evaluate.macro_test, 20,000 draws)"], tested
 
 
 def write_predictions(path, predictions):
@@ -404,12 +442,16 @@ def evaluate_after(args, model, tok, tests, before, log, metrics, device, what, 
     task compared with the evaluation before on the same items (McNemar's test; after --resume the one
     before is read back from <out>/before/), metrics.json written beside. Returns the lines to say."""
     _, after, lines = evaluate_tasks("after", model, tok, tests, args, device, metrics, what, folder)
+    paired = {}  # task -> the predictions before training, where there are some
     for t, preds in after.items():
         before_file = os.path.join(args.out, "before", t, "predictions.jsonl")
         if before is not None and (t in before or os.path.exists(before_file)):
-            compared, metrics.setdefault("mcnemar", {})[t] = before_after(
-                t, before.get(t) or read_predictions(before_file), preds)
+            paired[t] = before.get(t) or read_predictions(before_file)
+            compared, metrics.setdefault("mcnemar", {})[t] = before_after(t, paired[t], preds)
             lines += compared
+    if len(paired) > 1:
+        compared, metrics["macro_test"] = macro_before_after(paired, {t: after[t] for t in paired})
+        lines += compared
     train_log = [r for r in log if "task_loss" in r]
     if train_log:
         metrics.update({"train_loss_first": train_log[0]["task_loss"], "train_loss_last": train_log[-1]["task_loss"],

@@ -28,7 +28,8 @@ from checkpoints import interrupted, load_adapter, load_pretrained, pick_dtype, 
 from checks import RUN_FILES, check_flags, check_run, check_training_set, delete_run
 from cli import (COUNT, NONNEGATIVE, POSITIVE, POSITIVE_INT, SEED, Parser, UserError, duration, given, number,
                  pick_device, run, text)
-from data import LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training, micro_batches, subset
+from data import (LABELS, MIXES, collate, length_grouped_batches, load_tests, load_training, micro_batches, subset, task_list,
+                  union_note)
 from evaluate import eval_record, evaluate_after, evaluate_tasks, hms, step_line, step_record
 from gatera import apply_gatera, config_flags, gate_entropy, target_layers
 from gates import GateRecorder
@@ -39,15 +40,15 @@ from tokenizer import load_tokenizer
 # is checked where argparse parses it (cli's types): a bad value fails at once, naming the flag and the range.
 
 parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--task", default="piqa", choices=[*LABELS, *MIXES], metavar="TASK",
-                    help=f"one of {', '.join(LABELS)}, or {' / '.join(MIXES)} (train on the mix, evaluate on all 8)")
+parser.add_argument("--task", type=task_list, default="piqa", metavar="TASK[,TASK...]", help=f"{', '.join(LABELS)}: "
+                    f"one, or several (trained together, each evaluated); or {' / '.join(MIXES)} (evaluated on all 8)")
 parser.add_argument("--model", type=text, default="smollm2", help="smollm2 (embedded), a Hub id, a folder, a .gguf")
 parser.add_argument("--data-dir", type=text, default=None, help="local LLM-Adapters files (dataset/<task>/...)")
 parser.add_argument("--format", default="cloze", choices=["cloze", "label"],
                     help="cloze: lm-eval-harness's log-likelihoods; label: 'the correct answer is X' (the papers)")
 parser.add_argument("--eval", default="score", choices=["score", "generate"],
                     help="label format: score the labels' log-likelihood, or generate greedily and extract")
-parser.add_argument("--eval-examples", type=COUNT, default=None, help="random subset of the test set (default 0: all)")
+parser.add_argument("--eval-examples", type=COUNT, default=None, help="a fixed random subset of each test set (0: all)")
 parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=16, help="sequences per forward in evaluation")
 parser.add_argument("--eval-only", action="store_true", help="score --adapter (or the bare model) into <out>/eval-<n>/")
 parser.add_argument("--adapter", type=text, default=None, help="the adapter folder that --eval-only evaluates")
@@ -289,12 +290,11 @@ def prepare(args, argv):
     return (*setup(args), *check_run(args))
 
 
-def training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start):
-    """(the examples to train on, their budget.Timing: timing_model's micro-batch model and FLOPs, and
-    matmul_rate's FLOP/s). With a time budget (--time-budget, or the
-    CPU preset), as many of encoded as fit into what is left of it after the evaluation after
-    (estimated from a sample), chosen by the seed as --train-examples chooses them; the budget line
-    says what was chosen and why. Call it with the adapters at init."""
+def training_set(args, model, tok, encoded, tests, sizes, preset, device, world, t_start):
+    """(the examples to train on, their budget.Timing: timing_model's micro-batch model and FLOPs, matmul_rate's
+    FLOP/s). With a time budget (--time-budget, or the CPU preset): as many of encoded as fit in what is left of it
+    after the evaluation after (estimated from a sample), chosen by the seed as --train-examples chooses; the budget
+    line says what it chose of the train files (sizes: {task: examples}) and why. Call with the adapters at init."""
     def run(batch, n_targets, n_real):
         forward_backward(model, batch, n_targets, n_real, args.entropy_weight)
     timing = Timing(*timing_model(run, encoded, tok.pad_id, device, args),
@@ -314,8 +314,8 @@ def training_set(args, model, tok, encoded, tests, n_available, preset, device, 
     total_steps = training_steps(args, len(encoded))[1]
     if preset or why:  # the budget flags left to the CPU or GPU preset, or --time-budget: say what they chose
         by = f"{device.type} preset for {', '.join('--' + k.replace('_', '-') for k in preset)}" if preset else "--time-budget"
-        say(f"budget ({by}): {len(encoded)} of {n_available} train examples x {args.epochs} epoch(s) = {total_steps} "
-            f"steps of {args.batch_size}; {sum(map(len, tests.values()))} test examples{why}")
+        say(f"budget ({by}): {len(encoded)} of {sum(sizes.values())} train examples{union_note(sizes)} x {args.epochs} "
+            f"epoch(s) = {total_steps} steps of {args.batch_size}; {sum(map(len, tests.values()))} test examples{why}")
     say(check_training_set(args, encoded, total_steps))  # a notice if --warmup is as long as the run
     return encoded, timing
 
@@ -350,7 +350,7 @@ def main(argv=None):
         return metrics
 
     # the training examples: --train-examples of them, or all (a time budget chooses among them below)
-    n_available, encoded = load_training(args, tok)
+    sizes, encoded = load_training(args, tok)
     check_training_set(args, encoded)  # no answer token within --cutoff: an error before any long work
 
     # the pretrained model's score, then the adapters (at init, B = 0: the adapted model equals it)
@@ -362,7 +362,7 @@ def main(argv=None):
     n_adapter, n_total = (sum(p.numel() for p in model.parameters() if p.requires_grad or all_) for all_ in (0, 1))
     say(f"{n_adapter / 1e6:.3f}M trainable parameters ({100 * n_adapter / n_total:.3f}% of {n_total / 1e6:.1f}M)")
 
-    encoded, timing = training_set(args, model, tok, encoded, tests, n_available, preset, device, world, t_start)
+    encoded, timing = training_set(args, model, tok, encoded, tests, sizes, preset, device, world, t_start)
     metrics.update(n_train=len(encoded), flops_per_token=timing.flops_per_token, matmul_flops_per_s=timing.matmul_flops_per_s)
     log = train(args, model, tok, encoded, tests, metrics, rank, world, device, timing, state)
 

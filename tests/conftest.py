@@ -234,6 +234,16 @@ PIQA = [("How do you keep bread fresh longer?", "Store it in a sealed bag.", "St
         ("To unclog a drain,", "pour in more hair.", "use baking soda and vinegar.", 2)]
 
 
+BOOLQ = [("is the sun a star?", "true"), ("can fish live without water?", "false"), ("is ice frozen water?", "true"),
+         ("do cats have six legs?", "false"), ("is paris in france?", "true"), ("is the moon made of cheese?", "false")]
+
+
+def boolq_example(question, answer):
+    return {"instruction": f"Please answer the following question with true or false, question: {question}\n\n"
+                           "Answer format: true/false", "input": "", "output": f"the correct answer is {answer}",
+            "answer": answer}
+
+
 def piqa_example(goal, s1, s2, answer):
     instruction = (f"Please choose the correct solution to the question: {goal}\n\nSolution1: {s1}\n\n"
                    f"Solution2: {s2}\n\nAnswer format: solution1/solution2")
@@ -249,7 +259,7 @@ LLAMA_RENAMES = [("transformer.wte.", "model.embed_tokens."), ("transformer.h.",
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny Llama checkpoint folder (Hugging Face layout, with the tiny SmolLM-style tokenizer) and a
-    --data-dir holding hand-written PIQA train/test files; returns (model_dir, data_dir, blobs)."""
+    --data-dir holding hand-written PIQA and BoolQ train/test files; returns (model_dir, data_dir, blobs)."""
     root = tmp_path_factory.mktemp("train")
     model_dir, data_dir = root / "tiny", root / "data"
     model_dir.mkdir()
@@ -269,11 +279,14 @@ def workdir(tmp_path_factory):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ROOT / "fixtures" / "tokenizers" / "smollm_tiny" / f, model_dir / f)
     blobs = {}
-    for split, rows in (("train", PIQA), ("test", PIQA[:4])):
-        path = data_dir / "dataset" / "piqa" / f"{split}.json"
+    for task, split, rows in (("piqa", "train", [piqa_example(*r) for r in PIQA]),
+                              ("piqa", "test", [piqa_example(*r) for r in PIQA[:4]]),
+                              ("boolq", "train", [boolq_example(*r) for r in BOOLQ]),
+                              ("boolq", "test", [boolq_example(*r) for r in BOOLQ[:3]])):
+        path = data_dir / "dataset" / task / f"{split}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([piqa_example(*r) for r in rows], indent=2))
-        blobs[f"dataset/piqa/{split}.json"] = git_blob(path.read_bytes())
+        path.write_text(json.dumps(rows, indent=2))
+        blobs[f"dataset/{task}/{split}.json"] = git_blob(path.read_bytes())
     return model_dir, data_dir, blobs
 
 

@@ -1,10 +1,13 @@
 """data.py: pinned verified task files, exact prompts, masks, answer extraction, downloads, cloze requests."""
 
+import argparse
 import hashlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -214,6 +217,47 @@ def test_mix_takes_every_task_label(tmp_path, monkeypatch):
     monkeypatch.setitem(data.BLOBS, rel, blob((tmp_path / rel).read_bytes()))
     with pytest.raises(ValueError, match="example 5: answer 'ending5' is not one of commonsense_15k's labels"):
         data.load_task("commonsense_15k", "train", data_dir=tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# several tasks: --task boolq,piqa
+
+def test_task_list_takes_known_tasks_each_once_and_a_mix_alone():
+    assert data.task_list("boolq, piqa") == "boolq,piqa"
+    assert data.train_and_test_tasks("boolq,piqa") == (["boolq", "piqa"], ["boolq", "piqa"])
+    assert data.train_and_test_tasks("piqa") == (["piqa"], ["piqa"])
+    assert data.train_and_test_tasks("commonsense_15k") == (["commonsense_15k"], list(data.LABELS))
+    for bad, said in (("boolq,piqaa", "unknown task 'piqaa'"), ("piqa,piqa", "each task once"),
+                      ("piqa,commonsense_15k", "a mix (commonsense_170k / commonsense_15k) alone")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(said)):
+            data.task_list(bad)
+
+
+def test_several_tasks_train_on_their_union_each_with_its_labels_and_evaluate_each(tmp_path, monkeypatch):
+    files = {("boolq", split): [example(answer=a) for a in ("true", "false") * n] for split, n in (("train", 6), ("test", 3))}
+    piqa = ("Please choose the correct solution to the question: Q\n\nSolution1: a\n\nSolution2: b\n\n"
+            "Answer format: solution1/solution2")
+    files.update({("piqa", split): [example(answer=a, instruction=piqa) for a in ("solution1", "solution2") * n]
+                  for split, n in (("train", 18), ("test", 4))})
+    for (task, split), rows in files.items():
+        (tmp_path / f"dataset/{task}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"dataset/{task}/{split}.json").write_text(json.dumps(rows))
+        monkeypatch.setitem(data.BLOBS, f"dataset/{task}/{split}.json", blob((tmp_path / f"dataset/{task}/{split}.json").read_bytes()))
+    args = SimpleNamespace(task="boolq,piqa", data_dir=tmp_path, seed=3, format="cloze", cutoff=1000,
+                           train_on_inputs=False, train_prompt="eval", eval_examples=2, train_examples=0)
+    targets = lambda encoded: sorted(bytes(t for t in labels if 0 <= t < 256).decode() for _, labels in encoded)
+    cloze = {"true": " yes", "false": " no", "solution1": " a", "solution2": " b"}  # lm-eval's continuations
+    union = [cloze[r["answer"]] for task in ("boolq", "piqa") for r in files[(task, "train")]]
+    sizes, encoded = data.load_training(args, ByteTok())  # each task's template: another task's fails to parse
+    assert sizes == {"boolq": 12, "piqa": 36} and targets(encoded) == sorted(union)
+    args.train_examples = 16  # a seeded draw from the union: the same as a draw of 16 of its 48 rows
+    assert targets(data.load_training(args, ByteTok())[1]) == sorted(union[i] for i in data.subset(48, 16, 3))
+    assert data.union_note(sizes) == " (the union of boolq 12, piqa 36: each task in proportion to its size)"
+    assert data.union_note({"piqa": 36}) == ""
+    tests = data.load_tests(args)  # --eval-examples 2: two of each task's test items, whatever the --seed
+    assert data.load_tests(SimpleNamespace(**{**vars(args), "seed": 4})) == tests
+    assert {t: len(items) for t, items in tests.items()} == {"boolq": 2, "piqa": 2}
+    assert tests["piqa"][0][1]["answer"].startswith("solution") and tests["boolq"][0][1]["answer"] in ("true", "false")
 
 
 # the real files of LLM-Adapters (outside the repository but for PIQA), their example counts

@@ -1,5 +1,7 @@
 """evaluate.py: cached label scoring, McNemar's test, the comparison command."""
 
+import itertools
+import math
 import subprocess
 import sys
 
@@ -61,6 +63,48 @@ def test_mcnemar_p_value_equals_scipys_exact_binomial_test(b, c, p):
 def test_mcnemar_refuses_predictions_on_different_items():
     with pytest.raises(ValueError, match="same items"):
         evaluate.mcnemar([{"index": 0, "pred": 0, "gold": 0}], [{"index": 1, "pred": 0, "gold": 0}])
+
+
+def runs(b, c, same=0, offset=0):
+    """Two runs' predictions: b items only the first gets right, c only the second, `same` both get right."""
+    first = [{"index": offset + i, "pred": int(b <= i < b + c), "gold": 0} for i in range(b + c + same)]
+    second = [{"index": offset + i, "pred": int(i < b), "gold": 0} for i in range(b + c + same)]
+    return first, second
+
+
+@pytest.mark.parametrize("b, c, p", CLOZE["mcnemar"])
+def test_macro_test_of_one_task_is_mcnemars_exact_test(b, c, p):
+    """One task: the randomization test draws McNemar's exact binomial test (scipy's p), within 4 standard
+    errors of 20,000 draws."""
+    first, second = runs(b, c, same=4)
+    before, after, got = evaluate.macro_test({"t": first}, {"t": second})
+    assert (before, after) == ((b + 4) / (b + c + 4), (c + 4) / (b + c + 4))
+    assert abs(got - p) <= 4 * math.sqrt(p * (1 - p) / 20000) + 1 / 20001
+
+
+def exact_macro_p(tasks):
+    """The exact p of the macro average's sign-flip test by enumeration: tasks [(b, c, n)]; every one
+    of the 2^(b+c) ways the disagreements can fall, weighed equally."""
+    observed = sum((c - b) / n for b, c, n in tasks) / len(tasks)
+    signs = [(1 / n / len(tasks)) for b, c, n in tasks for _ in range(b + c)]
+    at_least = sum(abs(sum(s * w for s, w in zip(flip, signs))) >= abs(observed) - 1e-12
+                   for flip in itertools.product((1, -1), repeat=len(signs)))
+    return at_least / 2 ** len(signs)
+
+
+@pytest.mark.parametrize("tasks", [[(1, 5, 10), (2, 4, 40)], [(0, 3, 5), (3, 0, 50), (1, 4, 12)], [(4, 4, 8), (2, 3, 9)]])
+def test_macro_test_weighs_each_task_the_same(tasks):
+    """Several tasks of different sizes: the drawn p equals the exact sign-flip p (enumerated), and the
+    averages are each task's accuracy averaged, not the pooled accuracy."""
+    before, after, offset = {}, {}, 0
+    for k, (b, c, n) in enumerate(tasks):
+        before[k], after[k] = runs(b, c, same=n - b - c, offset=offset)
+        offset += n
+    got = evaluate.macro_test(before, after)
+    p = exact_macro_p(tasks)
+    assert got[0] == pytest.approx(sum((n - c) / n for b, c, n in tasks) / len(tasks))
+    assert got[1] == pytest.approx(sum((n - b) / n for b, c, n in tasks) / len(tasks))
+    assert abs(got[2] - p) <= 4 * math.sqrt(p * (1 - p) / 20000) + 1 / 20001
 
 
 def test_compare_prints_each_run_against_the_first(tmp_path):

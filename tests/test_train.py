@@ -26,13 +26,31 @@ from tests.conftest import ROOT, logits, PIQA
 TIMEOUT = 600  # seconds: a subprocess that hangs (torchrun, a resume) fails its test instead of stalling CI
 
 
-def test_an_unknown_task_fails_at_once_with_the_valid_tasks(monkeypatch, capsys):
+@pytest.mark.parametrize("task", ["piqaa", "boolq,piqaa"])
+def test_an_unknown_task_fails_at_once_with_the_valid_tasks(monkeypatch, capsys, task):
     monkeypatch.setattr(train, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(data, "load_task", lambda *a, **k: pytest.fail("data was loaded"))
     with pytest.raises(SystemExit):
-        train.main(["--task", "piqaa"])
+        train.main(["--task", task])
     err = capsys.readouterr().err
-    assert "invalid choice: 'piqaa'" in err and all(t in err for t in (*data.LABELS, *data.MIXES))
+    assert "argument --task: unknown task 'piqaa'" in err and all(t in err for t in (*data.LABELS, *data.MIXES))
+
+
+def test_several_tasks_train_together_and_report_each_and_their_average(workdir, monkeypatch, tmp_path, capsys):
+    m = run_train(workdir, monkeypatch, tmp_path / "out", "--task", "piqa,boolq", "--max-steps", "3", "--eval-examples", "3")
+    out = capsys.readouterr().out
+    assert "14 of 14 train examples (the union of piqa 8, boolq 6: each task in proportion to its size)" in out
+    assert m["task"] == "piqa,boolq" and m["n_train"] == 14 and m["n_eval"] == 6  # 3 items of each task
+    for when in ("before", "after"):
+        accs = [m[f"eval_{when}"][t]["acc"] for t in ("piqa", "boolq")]
+        assert m[f"accuracy_avg_{when}"] == pytest.approx(sum(accs) / 2)  # each task weighs the same
+        assert m[f"accuracy_{when}"] == pytest.approx(sum(accs) * 3 / 6)
+        for t in ("piqa", "boolq"):
+            assert len((tmp_path / "out" / when / t / "predictions.jsonl").read_text().splitlines()) == 3
+    assert set(m["mcnemar"]) == {"piqa", "boolq"}
+    assert m["macro_test"]["acc"]["before"] == pytest.approx(m["accuracy_avg_before"])
+    assert m["macro_test"]["acc"]["after"] == pytest.approx(m["accuracy_avg_after"]) and 0 < m["macro_test"]["acc"]["p"] <= 1
+    assert "the average of the 2 tasks (each weighs the same): acc" in out
 
 
 def args_for(workdir, out, *extra):
