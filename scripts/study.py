@@ -8,7 +8,8 @@ each other several times over):
   B. what the entropy term and the gate's start do: GateRA with lambda in {0, 0.01, 0.1, 1}, the
      gate starting at 0.5 (bias 0) and closed (bias -3), one seed; then the setting whose gates come
      closest to the paper's pattern (closed on the prompt, open on the answer) in the label format
-     with generation, so that decode positions exist;
+     with generation, so that decode positions exist; each writes the gate page of 8 test items
+     (<row>/after/piqa/gates.html);
   C. the paper's protocol at this scale: trained on the six-task mix, scored on its six test sets
      and WinoGrande's: zero-shot, LoRA, HiRA, GateRA (the default lambda, and B's best).
 
@@ -255,7 +256,7 @@ def run_table_b(args, out, a):
                 results[lam, bias] = a.get("gatera-l0" if lam == "0" else "gatera", {}).get(1)
                 continue
             folder = out / "B" / f"gatera-l{lam}-b{bias}"
-            flags = ABLATION["gatera"] + ["--entropy-weight", lam, "--gate-init-bias", bias]
+            flags = ABLATION["gatera"] + ["--entropy-weight", lam, "--gate-init-bias", bias, "--visualize", "8"]
             results[lam, bias] = run_row(args, folder, trained(args, 1, folder, "piqa", flags, args.eval_examples))
     results = {k: r for k, r in results.items() if r is not None}
     if len(results) < len(LAMBDAS) * len(BIASES):  # --tables-only, before all have run
@@ -263,7 +264,7 @@ def run_table_b(args, out, a):
     lam, bias = max(results, key=lambda k: pattern(results[k]))  # the closest to the paper's gates
     folder = out / "B" / f"gatera-l{lam}-b{bias}-label-generate"
     flags = ABLATION["gatera"] + ["--entropy-weight", lam, "--gate-init-bias", bias, "--format", "label", "--eval",
-                                  "generate"]
+                                  "generate", "--visualize", "8"]
     generated = run_row(args, folder, trained(args, 1, folder, "piqa", flags, args.generate_examples))
     return results, generated and ((lam, bias), generated)
 
