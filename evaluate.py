@@ -348,23 +348,27 @@ def summarize(when, results, tests):
     return metrics, f"{text} ({n} examples)"
 
 
+def scored_keys(predictions):
+    """{metric name: prediction key} that every one of predictions holds: acc, and acc_norm in cloze format."""
+    return {"acc": "pred", **({"acc_norm": "pred_norm"} if all("pred_norm" in p for p in predictions) else {})}
+
+
 def before_after(task, before, after):
     """Lines of the table of before vs after training on the same test items, and metrics.json's
     McNemar's test of them: {"acc" (and "acc_norm"): {only_before_right, only_after_right, p}}."""
     lines = [f"\n{task}, {len(after)} test examples: before vs after training"]
     lines += comparison([("before (zero-shot)", before), ("after", after)])
-    keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for p in before + after) else [])
-    return lines, {("acc" if k == "pred" else "acc_norm"): dict(
-        zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k))) for k in keys}
+    return lines, {name: dict(zip(("only_before_right", "only_after_right", "p"), mcnemar(before, after, k)))
+                   for name, k in scored_keys(before + after).items()}
 
 
 def macro_before_after(before, after):
     """The line of the macro average over tasks before vs after training (before, after {task:
     predictions} on the same items) and metrics.json's test of it (macro_test):
     {"acc" (and "acc_norm"): {before, after, p}}."""
-    keys = ["pred"] + (["pred_norm"] if all("pred_norm" in p for t in before for p in before[t] + after[t]) else [])
-    tested = {("acc" if k == "pred" else "acc_norm"): dict(zip(("before", "after", "p"), macro_test(before, after, k)))
-              for k in keys}
+    every = [p for t in before for p in before[t] + after[t]]
+    tested = {name: dict(zip(("before", "after", "p"), macro_test(before, after, k)))
+              for name, k in scored_keys(every).items()}
     cells = [f"{name} {r['before']:.4f} -> {r['after']:.4f} ({100 * (r['after'] - r['before']):+.2f}, p={r['p']:.2g})"
              for name, r in tested.items()]
     return [f"\nthe average of the {len(before)} tasks (each weighs the same): {', '.join(cells)}",
